@@ -1,0 +1,262 @@
+"""The one generic training loop: `python -m torchtitan.train --job.config_file FILE [overrides]`."""
+
+import contextlib
+import copy
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.dataloader import DataExhaustedError
+from torchtitan.components.metrics import build_metrics_processor
+from torchtitan.config import ConfigError, ConfigManager, JobConfig
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.protocols.train_spec import get_train_spec
+from torchtitan.tools.logging import init_logger, logger
+from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+from torchtitan.tools.utils import GarbageCollection
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient norm became non-finite; training stops before the bad update."""
+
+
+class Trainer(Stateful):
+    """Builds every component from the job config and runs the training loop."""
+
+    def __init__(self, job_config: JobConfig):
+        self.job_config = job_config
+        self.step = 0
+        self.ntokens_seen = 0
+
+        self.device = dist_utils.init_distributed(job_config.comm)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.parallel_dims = pd = ParallelDims.from_job_config(job_config, world_size)
+        dist_utils.set_determinism(pd, self.device, job_config.debug)
+        self.train_spec = spec = get_train_spec(job_config.model.name)
+
+        # Data: partitioned over the data-parallel dims only.
+        self.tokenizer = spec.build_tokenizer_fn(job_config)
+        self.dataloader = spec.build_dataloader_fn(
+            pd.dp_world_size, pd.dp_rank(), self.tokenizer, job_config
+        )
+
+        # Model: built on meta, converted, parallelized, then materialized.
+        flavors = spec.model_args
+        if job_config.model.flavor not in flavors:
+            raise ConfigError(
+                f"model.flavor={job_config.model.flavor!r} is not a flavor of {job_config.model.name!r}; "
+                f"choose one of {sorted(flavors)}"
+            )
+        self.model_args = copy.deepcopy(flavors[job_config.model.flavor])
+        self.model_args.update_from_config(job_config, self.tokenizer)
+        dist_utils.validate_model(pd, self.model_args, job_config)
+        with torch.device("meta"):
+            model = spec.model_cls(self.model_args)
+        _apply_converters(model, job_config)
+        nparams, self.flops_per_token = self.model_args.get_nparams_and_flops(
+            model, job_config.training.seq_len
+        )
+        model = spec.parallelize_fn(model, pd, job_config)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            model.init_weights(buffer_device=None)
+        model.to(dtype=_DTYPES[job_config.training.dtype])
+        model.train()
+        self.model_parts = [model]
+
+        self.optimizers = spec.build_optimizers_fn(self.model_parts, job_config.optimizer, pd)
+        self.lr_schedulers = spec.build_lr_schedulers_fn(
+            self.optimizers, job_config.lr_scheduler, job_config.training.steps
+        )
+        self.loss_fn = spec.build_loss_fn(job_config)
+        sd_adapter = (
+            spec.state_dict_adapter(self.model_args, job_config.model.hf_assets_path)
+            if spec.state_dict_adapter
+            else None
+        )
+        self.checkpointer = CheckpointManager(
+            dataloader=self.dataloader,
+            model_parts=self.model_parts,
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            states={"train_state": self},
+            checkpoint_config=job_config.checkpoint,
+            sd_adapter=sd_adapter,
+            base_folder=job_config.job.dump_folder,
+            hf_assets_path=job_config.model.hf_assets_path,
+        )
+
+        tc = job_config.training
+        global_batch = tc.local_batch_size * pd.dp_world_size if tc.global_batch_size < 0 else tc.global_batch_size
+        per_microbatch = tc.local_batch_size * pd.dp_world_size
+        if global_batch % per_microbatch:
+            raise ConfigError(
+                f"training.global_batch_size={global_batch} is not a multiple of local_batch_size x "
+                f"data-parallel degree ({tc.local_batch_size} x {pd.dp_world_size}); adjust one of them"
+            )
+        self.grad_accum_steps = global_batch // per_microbatch
+        self.autocast = _autocast_context(job_config, pd, self.device)
+        self.gc_handler = GarbageCollection(tc.gc_freq, tc.gc_debug)
+        self.metrics = build_metrics_processor(
+            job_config, pd, self.flops_per_token, self.device, dist_utils.is_logging_rank()
+        )
+        logger.info(
+            f"device {self.device}, world size {world_size}, model {job_config.model.name}/"
+            f"{job_config.model.flavor}: {nparams:,} params, {self.flops_per_token:,} FLOPs/token; "
+            f"local batch {tc.local_batch_size}, global batch {global_batch} sequences, "
+            f"grad accumulation {self.grad_accum_steps}, seq len {tc.seq_len}, steps {tc.steps}"
+        )
+
+    # ---- Stateful: the train_state stored in checkpoints ----
+    def state_dict(self) -> dict:
+        return {
+            "step": torch.tensor(self.step),
+            "ntokens_seen": torch.tensor(self.ntokens_seen),
+            "rng_state": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step = int(state_dict["step"])
+        self.ntokens_seen = int(state_dict["ntokens_seen"])
+        torch.set_rng_state(state_dict["rng_state"])
+
+    # ---- the loop ----
+    def next_microbatches(self, data_iter: Iterator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pull this step's microbatches, timing the data loading."""
+        start = time.perf_counter()
+        batches = []
+        for _ in range(self.grad_accum_steps):
+            input_dict, labels = next(data_iter)
+            batches.append((input_dict["input"].to(self.device), labels.to(self.device)))
+        self.metrics.data_loading_times.append(time.perf_counter() - start)
+        return batches
+
+    def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One optimizer step over `grad_accum_steps` microbatches; loss normalized by global tokens."""
+        pd = self.parallel_dims
+        self.optimizers.zero_grad()
+        local_tokens = sum(int((labels != -100).sum()) for _, labels in microbatches)
+        global_tokens = dist_utils.dist_sum(local_tokens, pd.loss_mesh, self.device)
+        model = self.model_parts[0]
+        loss_sum = torch.zeros((), device=self.device)
+        for inputs, labels in microbatches:
+            with self.autocast, dist_utils.maybe_loss_parallel(pd):
+                logits = model(inputs)
+                loss = self.loss_fn(logits, labels) / global_tokens
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = dist_utils.clip_grad_norm_(
+            [p for m in self.model_parts for p in m.parameters()], self.job_config.training.max_norm
+        )
+        if not torch.isfinite(grad_norm):
+            raise TrainingDivergedError(
+                f"step {self.step}: gradient norm is {grad_norm.item()} (loss {loss_sum.item()}); "
+                "training stopped before this update: lower optimizer.lr or training.max_norm, "
+                "or resume from the last checkpoint"
+            )
+        self.optimizers.step()
+        self.lr_schedulers.step()
+
+        self.ntokens_seen += global_tokens
+        self.metrics.ntokens_since_last_log += local_tokens
+        if self.metrics.should_log(self.step):
+            global_avg = dist_utils.dist_sum(loss_sum, pd.loss_mesh, self.device)
+            local_mean = loss_sum * global_tokens / max(local_tokens, 1)
+            global_max = dist_utils.dist_max(local_mean, pd.loss_mesh, self.device)
+            self.metrics.log(
+                self.step,
+                global_avg_loss=global_avg,
+                global_max_loss=global_max,
+                grad_norm=grad_norm.item(),
+                lr=self.lr_schedulers.last_lr(),
+                ntokens_seen=self.ntokens_seen,
+            )
+
+    def train(self) -> None:
+        """Run from the loaded step to `training.steps`, checkpointing as configured."""
+        jc = self.job_config
+        self.checkpointer.load(step=jc.checkpoint.load_step)
+        if jc.checkpoint.create_seed_checkpoint:
+            self.checkpointer.save_seed()
+            return
+        logger.info(f"training from step {self.step + 1} to {jc.training.steps}")
+        data_iter = iter(self.dataloader)
+        with (
+            maybe_enable_profiling(jc.profiling, jc.job.dump_folder, self.step) as profiler,
+            maybe_enable_memory_snapshot(jc.profiling, jc.job.dump_folder, self.step) as snapshot,
+        ):
+            while self.step < jc.training.steps:
+                self.step += 1
+                self.gc_handler.run(self.step)
+                try:
+                    microbatches = self.next_microbatches(data_iter)
+                except DataExhaustedError:
+                    logger.info(f"dataset exhausted before step {self.step}; ending training")
+                    self.step -= 1
+                    break
+                self.train_step(microbatches)
+                self.checkpointer.save(self.step, last_step=self.step == jc.training.steps)
+                if profiler is not None:
+                    profiler.step()
+                if snapshot is not None:
+                    snapshot.step()
+                if self.step == 1:
+                    dist_utils.set_pg_timeouts(jc.comm.train_timeout_seconds, self.parallel_dims)
+        logger.info("training finished")
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+
+
+def _apply_converters(model: torch.nn.Module, job_config: JobConfig) -> None:
+    from torchtitan.protocols.model_converter import build_model_converters
+
+    build_model_converters(job_config).convert(model)
+
+
+def _autocast_context(job_config: JobConfig, pd: ParallelDims, device: torch.device):
+    """Autocast to `mixed_precision_param` when FSDP (which casts parameters itself) is off."""
+    dtype = _DTYPES[job_config.training.mixed_precision_param]
+    if pd.fsdp_enabled or dtype == torch.float32 or job_config.training.dtype != "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse the config, train, and always shut down cleanly."""
+    init_logger()
+    trainer = None
+    try:
+        job_config = ConfigManager().parse_args(argv)
+        if job_config.comm.mode == "fake_backend":
+            from torchtitan.distributed.fake_backend import dry_run
+
+            dry_run(job_config)
+            return 0
+        trainer = Trainer(job_config)
+        trainer.train()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as e:
+        logger.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.close()
+        dist_utils.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

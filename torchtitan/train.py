@@ -8,14 +8,16 @@ import time
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.checkpoint import CheckpointManager, validate_seed_checkpoint
 from torchtitan.components.dataloader import DataExhaustedError
 from torchtitan.components.metrics import build_metrics_processor
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.distributed import utils as dist_utils
-from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
+from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
@@ -57,10 +59,11 @@ class Trainer(Stateful):
             )
         self.model_args = copy.deepcopy(flavors[job_config.model.flavor])
         self.model_args.update_from_config(job_config, self.tokenizer)
-        dist_utils.validate_model(pd, self.model_args, job_config)
+        validate_model(pd, self.model_args, job_config)
         with torch.device("meta"):
             model = spec.model_cls(self.model_args)
-        _apply_converters(model, job_config)
+        converters = build_model_converters(job_config, pd)
+        converters.convert(model)
         nparams, self.flops_per_token = self.model_args.get_nparams_and_flops(
             model, job_config.training.seq_len
         )
@@ -76,6 +79,7 @@ class Trainer(Stateful):
         self.lr_schedulers = spec.build_lr_schedulers_fn(
             self.optimizers, job_config.lr_scheduler, job_config.training.steps
         )
+        self.optimizers.register_step_post_hook(lambda *_: converters.post_optimizer_hook(self.model_parts))
         self.loss_fn = spec.build_loss_fn(job_config)
         sd_adapter = (
             spec.state_dict_adapter(self.model_args, job_config.model.hf_assets_path)
@@ -106,7 +110,7 @@ class Trainer(Stateful):
         self.autocast = _autocast_context(job_config, pd, self.device)
         self.gc_handler = GarbageCollection(tc.gc_freq, tc.gc_debug)
         self.metrics = build_metrics_processor(
-            job_config, pd, self.flops_per_token, self.device, dist_utils.is_logging_rank()
+            job_config, pd, self.flops_per_token, self.device, _global_rank() == 0
         )
         logger.info(
             f"device {self.device}, world size {world_size}, model {job_config.model.name}/"
@@ -143,12 +147,13 @@ class Trainer(Stateful):
         """One optimizer step over `grad_accum_steps` microbatches; loss normalized by global tokens."""
         pd = self.parallel_dims
         self.optimizers.zero_grad()
+        loss_mesh = pd.get_mesh("dp_cp")
         local_tokens = sum(int((labels != -100).sum()) for _, labels in microbatches)
-        global_tokens = dist_utils.dist_sum(local_tokens, pd.loss_mesh, self.device)
+        global_tokens = int(dist_utils.dist_sum(local_tokens, loss_mesh))
         model = self.model_parts[0]
         loss_sum = torch.zeros((), device=self.device)
         for inputs, labels in microbatches:
-            with self.autocast, dist_utils.maybe_loss_parallel(pd):
+            with self.autocast, dist_utils.loss_parallel_context(pd):
                 logits = model(inputs)
                 loss = self.loss_fn(logits, labels) / global_tokens
                 loss.backward()
@@ -162,21 +167,23 @@ class Trainer(Stateful):
                 "training stopped before this update: lower optimizer.lr or training.max_norm, "
                 "or resume from the last checkpoint"
             )
+        lr = self.lr_schedulers.last_lr()
+        self.checkpointer.maybe_wait_for_staging()
         self.optimizers.step()
         self.lr_schedulers.step()
 
         self.ntokens_seen += global_tokens
         self.metrics.ntokens_since_last_log += local_tokens
         if self.metrics.should_log(self.step):
-            global_avg = dist_utils.dist_sum(loss_sum, pd.loss_mesh, self.device)
+            global_avg = dist_utils.dist_sum(loss_sum, loss_mesh)
             local_mean = loss_sum * global_tokens / max(local_tokens, 1)
-            global_max = dist_utils.dist_max(local_mean, pd.loss_mesh, self.device)
+            global_max = dist_utils.dist_max(local_mean, loss_mesh)
             self.metrics.log(
                 self.step,
                 global_avg_loss=global_avg,
                 global_max_loss=global_max,
                 grad_norm=grad_norm.item(),
-                lr=self.lr_schedulers.last_lr(),
+                lr=lr,
                 ntokens_seen=self.ntokens_seen,
             )
 
@@ -185,10 +192,12 @@ class Trainer(Stateful):
         jc = self.job_config
         self.checkpointer.load(step=jc.checkpoint.load_step)
         if jc.checkpoint.create_seed_checkpoint:
+            validate_seed_checkpoint(self.parallel_dims)
             self.checkpointer.save_seed()
             return
         logger.info(f"training from step {self.step + 1} to {jc.training.steps}")
         data_iter = iter(self.dataloader)
+        self.metrics.reset_timers(self.step)
         with (
             maybe_enable_profiling(jc.profiling, jc.job.dump_folder, self.step) as profiler,
             maybe_enable_memory_snapshot(jc.profiling, jc.job.dump_folder, self.step) as snapshot,
@@ -217,15 +226,26 @@ class Trainer(Stateful):
         self.metrics.close()
 
 
-def _apply_converters(model: torch.nn.Module, job_config: JobConfig) -> None:
-    from torchtitan.protocols.model_converter import build_model_converters
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
-    build_model_converters(job_config).convert(model)
+
+def _shutdown() -> None:
+    """Destroy the process group; the barrier first avoids a rank aborting at gloo teardown."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _autocast_context(job_config: JobConfig, pd: ParallelDims, device: torch.device):
     """Autocast to `mixed_precision_param` when FSDP (which casts parameters itself) is off."""
     dtype = _DTYPES[job_config.training.mixed_precision_param]
+    if dtype != torch.float32 and device.type == "cpu" and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        logger.warning(
+            f"training.mixed_precision_param={job_config.training.mixed_precision_param} on a CPU without "
+            f"native bf16 ({torch.backends.cpu.get_cpu_capability()}) runs ~30x slower than float32; "
+            "pass --training.mixed_precision_param float32"
+        )
     if pd.fsdp_enabled or dtype == torch.float32 or job_config.training.dtype != "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -254,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        dist_utils.shutdown()
+        _shutdown()
     return 0
 
 

@@ -1,0 +1,120 @@
+"""Dry runs with a fake process group: validate a layout for many ranks in one process, no training.
+
+`python -m torchtitan.distributed.fake_backend --job.config_file X.toml --parallelism...` with the
+world size in NGPU (or WORLD_SIZE); the trainer calls `dry_run` when `comm.mode == "fake_backend"`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from torchtitan.config.errors import ConfigError
+from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
+from torchtitan.tools.logging import get_logger, init_logger
+
+logger = get_logger(__name__)
+
+
+def fake_world_size() -> int:
+    """World size a dry run simulates: NGPU, else WORLD_SIZE, else 1."""
+    for var in ("NGPU", "WORLD_SIZE"):
+        value = os.environ.get(var)
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"{var}={value!r} is not a valid world size for the fake backend; use e.g. {var}=8")
+            return int(value)
+    return 1
+
+
+def init_fake_process_group(world_size: int, rank: int = 0) -> None:
+    """Default process group that hallucinates every collective (rank `rank` of `world_size`)."""
+    # Importing this module registers the "fake" backend with c10d.
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401
+
+    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
+
+
+def _layout_lines(model: torch.nn.Module) -> list[str]:
+    """One line per parameter outside the blocks and per parameter of block 0: shapes and placements."""
+    lines = []
+    for name, p in model.named_parameters():
+        clean = name.replace("_checkpoint_wrapped_module.", "")
+        if clean.startswith("layers.") and not clean.startswith("layers.0."):
+            continue
+        if isinstance(p, DTensor):
+            where = f"local {tuple(p.to_local().shape)} {p.placements} on {p.device_mesh.mesh_dim_names}"
+        else:
+            where = "replicated (plain tensor)"
+        lines.append(f"  {clean}: global {tuple(p.shape)}, {where}")
+    return lines
+
+
+def dry_run(job_config: Any, world_size: int | None = None) -> dict[str, Any]:
+    """Validate `job_config` for `world_size` ranks (default: `fake_world_size()`) as rank 0 would.
+
+    Builds ParallelDims and the mesh over a fake process group, the model on the meta device with its
+    converters, applies the model's parallelize_fn, and logs the layout and the per-rank parameter
+    count. Runs no step. Invalid layouts raise the same one-line ConfigErrors as a real run.
+    Returns {"world_size", "params", "params_per_rank"}.
+    """
+    from torchtitan.protocols.model_converter import build_model_converters
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    world_size = world_size or fake_world_size()
+    parallel_dims = ParallelDims.from_job_config(job_config, world_size)
+    spec = get_train_spec(job_config.model.name)
+    if job_config.model.flavor not in spec.model_args:
+        raise ConfigError(
+            f"model.flavor={job_config.model.flavor!r} is unknown for {job_config.model.name}; "
+            f"choose one of {sorted(spec.model_args)}"
+        )
+    model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    model_args.update_from_config(job_config, spec.build_tokenizer_fn(job_config))
+    validate_model(parallel_dims, model_args, job_config)
+
+    owns_group = not dist.is_initialized()
+    if owns_group and world_size > 1:
+        init_fake_process_group(world_size)
+    try:
+        parallel_dims.build_mesh()
+        with torch.device("meta"):
+            model = spec.model_cls(model_args)
+        build_model_converters(job_config, parallel_dims).convert(model)
+        model = spec.parallelize_fn(model, parallel_dims, job_config)
+        total = sum(p.numel() for p in model.parameters())
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+        mesh = parallel_dims.world_mesh
+        logger.info(f"[fake_backend] {parallel_dims.describe()}")
+        logger.info(f"[fake_backend] mesh: {None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape))}")
+        logger.info(f"[fake_backend] model {job_config.model.name}/{job_config.model.flavor}: {total:,} parameters, "
+                    f"{local:,} on rank 0")
+        logger.info("[fake_backend] parameter layout (rank 0):\n" + "\n".join(_layout_lines(model)))
+        logger.info("[fake_backend] dry run OK: the layout is valid; no step was run")
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+    return {"world_size": world_size, "params": total, "params_per_rank": local}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: parse a job config, dry-run it; a ConfigError prints one line and returns 2."""
+    from torchtitan.config import ConfigManager
+
+    init_logger()
+    try:
+        dry_run(ConfigManager().parse_args(argv))
+    except ConfigError as e:
+        print(f"ConfigError: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,6 +19,6 @@ if [ "$COMM_MODE" = "fake_backend" ]; then
         --job.config_file "$CONFIG_FILE" --comm.mode fake_backend "$@"
 fi
 
-exec torchrun --nproc_per_node "$NGPU" --rdzv_backend c10d --rdzv_endpoint localhost:0 \
+exec python -m torchtitan.tools.launch --nproc_per_node "$NGPU" --rdzv_backend c10d --rdzv_endpoint localhost:0 \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" "$@"

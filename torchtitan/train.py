@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from torchtitan.components.checkpoint import CheckpointManager, validate_seed_checkpoint
 from torchtitan.components.dataloader import DataExhaustedError
@@ -152,12 +153,16 @@ class Trainer(Stateful):
         global_tokens = int(dist_utils.dist_sum(local_tokens, loss_mesh))
         model = self.model_parts[0]
         loss_sum = torch.zeros((), device=self.device)
-        for inputs, labels in microbatches:
+        sync = getattr(model, "set_requires_gradient_sync", None)
+        for i, (inputs, labels) in enumerate(microbatches):
+            if sync is not None:  # reduce gradients once, after the last microbatch
+                sync(i == len(microbatches) - 1)
             with self.autocast, dist_utils.loss_parallel_context(pd):
                 logits = model(inputs)
                 loss = self.loss_fn(logits, labels) / global_tokens
                 loss.backward()
-            loss_sum += loss.detach()
+            loss = loss.detach()
+            loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
         grad_norm = dist_utils.clip_grad_norm_(
             [p for m in self.model_parts for p in m.parameters()], self.job_config.training.max_norm
         )

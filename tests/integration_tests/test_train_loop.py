@@ -77,9 +77,9 @@ def test_logged_lr_follows_schedule(tmp_path):
 
 def test_nonfinite_loss_stops_with_clear_error(tmp_path):
     run = run_train(tmp_path, *TINY, "--optimizer.lr", "1e30", "--training.steps", "5", check=False)
-    assert run.returncode != 0
-    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert lines and "step" in lines[0] and ("nan" in lines[0] or "inf" in lines[0]), run.stderr[-3000:]
+    assert run.returncode == 1
+    lines = run.errors()
+    assert len(lines) == 1 and "step" in lines[0] and ("nan" in lines[0] or "inf" in lines[0]), run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     logged = run.metrics()
     assert all(math.isfinite(r["loss"]) for r in logged)
@@ -108,3 +108,12 @@ def test_bad_key_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and "parallelism.tensor_parallel_degree" in err[0], proc.stderr
+
+
+def test_profiler_traces_written(tmp_path):
+    run_train(
+        tmp_path, *TINY, "--training.steps", "4", "--profiling.enable_profiling", "--profiling.profile_freq", "2",
+        "--profiling.profiler_warmup", "0", "--profiling.profiler_active", "1",
+    )
+    traces = sorted(p.relative_to(tmp_path / "profile_traces").as_posix() for p in (tmp_path / "profile_traces").rglob("*.json"))
+    assert any(t.startswith("iteration_2/") for t in traces) and any(t.startswith("iteration_4/") for t in traces), traces

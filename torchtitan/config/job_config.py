@@ -122,6 +122,9 @@ class Parallelism:
     )
     tensor_parallel_degree: int = opt(1, "Tensor parallel degree")
     disable_loss_parallel: bool = opt(False, "Gather logits instead of computing the loss on TP shards")
+    disable_sequence_parallel: bool = opt(
+        False, "TP without sequence parallel: replicated activations between layers (our addition)"
+    )
     enable_async_tensor_parallel: bool = opt(False, "Overlap TP communication (needs compile)")
     pipeline_parallel_degree: int = opt(1, "Pipeline parallel degree")
     module_fqns_per_model_part: list[list[str]] | None = opt(None, "Explicit module FQNs of each pipeline stage")

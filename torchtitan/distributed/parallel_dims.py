@@ -71,7 +71,7 @@ class ParallelDims:
             etp=p.expert_tensor_parallel_degree,
             world_size=world_size,
             enable_loss_parallel=not p.disable_loss_parallel,
-            enable_sequence_parallel=not getattr(p, "disable_sequence_parallel", False),
+            enable_sequence_parallel=not p.disable_sequence_parallel,
         )
 
     def _validate(self) -> None:

@@ -136,7 +136,7 @@ def split(trace_path: str) -> dict[str, float]:
     def spans(keep) -> Intervals:
         return intersect(union([(e["ts"], e["ts"] + e["dur"]) for e in events if keep(e)]), window)
 
-    main_comm = spans(lambda e: e["tid"] == main_tid and is_comm(e["name"]) and e not in steps)
+    main_comm = spans(lambda e: e["tid"] == main_tid and is_comm(e["name"]))
     worker_comm = spans(lambda e: e["tid"] != main_tid and is_comm(e["name"]))
     aten = spans(lambda e: e["tid"] == main_tid and e["name"].startswith("aten::"))
     compute = subtract(aten, main_comm)
@@ -303,14 +303,19 @@ def main() -> int:
         results[layout.name] = (layout, window, [split(t) for t in job.traces])
         print(f"  done: {layout.name}: {window['tps']:.0f} tokens/s")
 
-    refs = [results[layout.name][1]["tps"] if layout.name in results else None for layout in LAYOUTS[:2]]
+    ref2, ref1 = (results[layout.name][1] if layout.name in results else None for layout in LAYOUTS[:2])
+
+    def ratio(w: dict[str, float], ref: dict[str, float] | None, key: str) -> str:
+        return f"{w[key] / ref[key]:.2f}" if ref else "n/a"
+
     print("\n| layout | processes x threads | local batch | tokens/s (all processes) | vs 1 process x 2 threads "
-          "| vs 1 process x 1 thread | step ms | cores the job got | tokens per CPU-second |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| vs 1 process x 1 thread | step ms | cores the job got | tokens per CPU-second | "
+          "per CPU-second vs 1 process x 1 thread |")
+    print("| --- " * 10 + "|")
     for layout, w, _ in results.values():
-        ratios = " | ".join(f"{w['tps'] / ref:.2f}" if ref else "n/a" for ref in refs)
         print(f"| {layout.name} | {layout.ngpu} x {layout.threads} | {args.global_batch // layout.dp} | "
-              f"{w['tps']:.0f} | {ratios} | {w['step_ms']:.0f} | {w['cores']:.2f} | {w['tpcs']:.0f} |")
+              f"{w['tps']:.0f} | {ratio(w, ref2, 'tps')} | {ratio(w, ref1, 'tps')} | {w['step_ms']:.0f} | "
+              f"{w['cores']:.2f} | {w['tpcs']:.0f} | {ratio(w, ref1, 'tpcs')} |")
 
     print(f"\nprofiled steps {args.steps - PROFILED_STEPS + 1}..{args.steps}, ms per step "
           "(% of step) on each rank's training thread:")

@@ -17,6 +17,7 @@ from torchtitan.components.dataloader import DataExhaustedError
 from torchtitan.components.metrics import build_metrics_processor
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.distributed import utils as dist_utils
+from torchtitan.distributed.compile import disable_compile_caches_for_tp
 from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.protocols.train_spec import get_train_spec
@@ -68,6 +69,7 @@ class Trainer(Stateful):
         nparams, self.flops_per_token = self.model_args.get_nparams_and_flops(
             model, job_config.training.seq_len
         )
+        disable_compile_caches_for_tp(job_config.compile, pd.tp_enabled)
         model = spec.parallelize_fn(model, pd, job_config)
         model.to_empty(device=self.device)
         with torch.no_grad():
@@ -235,10 +237,12 @@ def _global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _shutdown() -> None:
-    """Destroy the process group; the barrier first avoids a rank aborting at gloo teardown."""
+def _shutdown(clean: bool) -> None:
+    """Destroy the process group. After a clean run a barrier first avoids a rank aborting at gloo
+    teardown; after a failure it is skipped, since the other ranks may never reach it."""
     if dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -260,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse the config, train, and always shut down cleanly."""
     init_logger()
     trainer = None
+    clean = False
     try:
         job_config = ConfigManager().parse_args(argv)
         if job_config.comm.mode == "fake_backend":
@@ -269,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         trainer = Trainer(job_config)
         trainer.train()
+        clean = True
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        _shutdown()
+        _shutdown(clean)
     return 0
 
 

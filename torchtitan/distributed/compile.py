@@ -27,3 +27,16 @@ def apply_compile(model: nn.Module, compile_config: Any, blocks_attr: str = "lay
     for block in blocks.values():
         block.compile(backend=compile_config.backend, fullgraph=True)
     logger.info(f"Compiled each of the {len(blocks)} blocks with backend {compile_config.backend!r}")
+
+
+def disable_compile_caches_for_tp(compile_config: Any, tp_enabled: bool) -> None:
+    """Turn off inductor's on-disk graph caches when compiled graphs hold TP collectives.
+
+    Those caches key a graph by its code, not by the process-group names its collectives carry, so a
+    graph cached by a run with another layout replays here naming a group this run does not have
+    ("Could not resolve the process group registered under the name ..."). Such graphs are compiled
+    fresh instead; runs without TP keep the caches.
+    """
+    if compile_config.enable and tp_enabled:
+        torch._inductor.config.force_disable_caches = True
+        logger.info("Inductor caches disabled: compiled graphs hold tensor-parallel collectives")

@@ -19,3 +19,17 @@ def _torchtitan_logs_reach_caplog():
     logger.propagate = True
     yield
     logger.propagate = saved
+
+
+@pytest.fixture
+def captured_logs(caplog):
+    """caplog recording torchtitan's records at INFO and above."""
+    caplog.set_level(logging.INFO, logger="torchtitan")
+    return caplog
+
+
+@pytest.fixture
+def captured_warnings(caplog):
+    """caplog recording torchtitan's warnings and errors only."""
+    caplog.set_level(logging.WARNING, logger="torchtitan")
+    return caplog

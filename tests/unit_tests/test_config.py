@@ -1,6 +1,5 @@
 """ConfigManager: schema defaults, precedence, CLI syntaxes, coercion, errors and validation."""
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -25,16 +24,6 @@ def error_of(*args: str, toml: str | None = None, tmp_path: Path | None = None) 
     assert "\n" not in message
     return message
 
-
-@pytest.fixture
-def warnings_log(caplog):
-    """Records torchtitan's log warnings (its logger may have propagation turned off by init_logger)."""
-    logger = logging.getLogger("torchtitan")
-    old = logger.propagate
-    logger.propagate = True
-    with caplog.at_level(logging.WARNING):
-        yield caplog
-    logger.propagate = old
 
 
 # torchtitan 0.2 defaults from DESIGN.md section 4, spot-checked across every section.
@@ -389,10 +378,10 @@ def test_valid_edge_values():
     assert config.lr_scheduler.decay_ratio == 1.0
 
 
-def test_warmup_longer_than_run_is_clamped_with_warning(warnings_log):
+def test_warmup_longer_than_run_is_clamped_with_warning(captured_warnings):
     config = parse("--training.steps", "50", "--lr_scheduler.warmup_steps", "80")
     assert config.lr_scheduler.warmup_steps == 50
-    assert [r.getMessage() for r in warnings_log.records] == [
+    assert [r.getMessage() for r in captured_warnings.records] == [
         "lr_scheduler.warmup_steps (80) exceeds the total training steps (50); adjusting warmup steps to 50"
     ]
     config = parse("--training.steps", "50", "--lr_scheduler.total_steps", "500", "--lr_scheduler.warmup_steps", "80")

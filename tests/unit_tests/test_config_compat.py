@@ -14,16 +14,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "tests" / "assets" / "configs"
 
 
-@pytest.fixture
-def warnings_log(caplog):
-    """Records torchtitan's log warnings (its logger may have propagation turned off by init_logger)."""
-    logger = logging.getLogger("torchtitan")
-    old = logger.propagate
-    logger.propagate = True
-    with caplog.at_level(logging.WARNING):
-        yield caplog
-    logger.propagate = old
-
 
 def messages(log) -> list[str]:
     return [r.getMessage() for r in log.records if r.levelno >= logging.WARNING]
@@ -43,12 +33,12 @@ def test_v02_fixture_covers_every_section():
     assert tables(data) == set(sections(JobConfig))
 
 
-def test_v02_fixture_loads_with_zero_warnings(warnings_log):
+def test_v02_fixture_loads_with_zero_warnings(captured_warnings):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = ConfigManager().parse_args(["--job.config_file", str(CONFIGS / "titan_v02_all_sections.toml")])
     assert [str(w.message) for w in caught] == []
-    assert messages(warnings_log) == []
+    assert messages(captured_warnings) == []
     assert config.training.dataloader.num_workers == 2
     assert config.training.dataloader.prefetch_factor == 2
     assert config.quantize.linear.float8.recipe_name == "rowwise"
@@ -90,36 +80,36 @@ ALIASES = [
 
 
 @pytest.mark.parametrize("args, new_key, value", ALIASES, ids=[a[0][0] for a in ALIASES])
-def test_deprecated_cli_alias(args, new_key, value, warnings_log):
+def test_deprecated_cli_alias(args, new_key, value, captured_warnings):
     config = ConfigManager().parse_args(args)
     target = config
     for part in new_key.split("."):
         target = getattr(target, part)
     assert target == value
     old_key = args[0][2:].split("=")[0].replace("no_", "")
-    (message,) = messages(warnings_log)
+    (message,) = messages(captured_warnings)
     assert message.startswith(f"config key '{old_key}' (command line) is deprecated; use '{new_key}'")
 
 
-def test_tokenizer_path_to_existing_file_uses_its_folder(tmp_path, warnings_log):
+def test_tokenizer_path_to_existing_file_uses_its_folder(tmp_path, captured_warnings):
     tok = tmp_path / "llama" / "tokenizer.bin"
     tok.parent.mkdir()
     tok.write_bytes(b"")
     config = ConfigManager().parse_args(["--model.tokenizer_path", str(tok)])
     assert config.model.hf_assets_path == str(tok.parent)
-    assert f"use 'model.hf_assets_path' = '{tok.parent}' instead" in messages(warnings_log)[0]
+    assert f"use 'model.hf_assets_path' = '{tok.parent}' instead" in messages(captured_warnings)[0]
 
 
-def test_removed_keys_are_ignored_with_warning(warnings_log):
+def test_removed_keys_are_ignored_with_warning(captured_warnings):
     config = ConfigManager().parse_args(["--job.use_for_integration_test", "--model.norm_type", "rmsnorm"])
     assert config == JobConfig()
-    assert messages(warnings_log) == [
+    assert messages(captured_warnings) == [
         "config key 'job.use_for_integration_test' (command line) was removed and is ignored: it had no effect on training",
         "config key 'model.norm_type' (command line) was removed and is ignored: models always use RMSNorm",
     ]
 
 
-def test_v01_fixture_maps_every_old_name(warnings_log):
+def test_v01_fixture_maps_every_old_name(captured_warnings):
     path = CONFIGS / "titan_v01_deprecated.toml"
     config = ConfigManager().parse_args(["--job.config_file", str(path)])
     assert config.job.print_config is False
@@ -134,7 +124,7 @@ def test_v01_fixture_maps_every_old_name(warnings_log):
     assert config.checkpoint.initial_load_model_only is False
     assert config.quantize.linear.float8.enable_fsdp_float8_all_gather is True
     assert config.quantize.linear.float8.emulate is True
-    logged = messages(warnings_log)
+    logged = messages(captured_warnings)
     where = f"(in {path})"
     for old, new in [
         ("job.print_args", "job.print_config"),

@@ -1,7 +1,6 @@
 """MetricsProcessor: values of a scripted sequence of steps in metrics.jsonl, console, TensorBoard and offline W&B."""
 
 import json
-import logging
 import resource
 from types import SimpleNamespace
 
@@ -29,14 +28,6 @@ def clock(monkeypatch):
     monkeypatch.setattr(metrics, "_now", fake)
     return fake
 
-
-@pytest.fixture
-def captured_logs(caplog):
-    titan = logging.getLogger("torchtitan")
-    titan.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    titan.removeHandler(caplog.handler)
 
 
 def _job_config(tmp_path, **metrics_overrides) -> JobConfig:

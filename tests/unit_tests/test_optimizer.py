@@ -1,7 +1,6 @@
 """OptimizersContainer / build_optimizers: config mapping, implementations, state round trips (plain and DTensor)."""
 
 import copy
-import logging
 from dataclasses import replace
 
 import pytest
@@ -31,14 +30,6 @@ def _train(parts: list[nn.Module], optimizers, steps: int, seed: int = 1) -> Non
 def _config(**overrides):
     return replace(JobConfig().optimizer, **overrides)
 
-
-@pytest.fixture
-def captured_warnings(caplog):
-    titan = logging.getLogger("torchtitan")
-    titan.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING)
-    yield caplog
-    titan.removeHandler(caplog.handler)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 import gc
 import json
-import logging
 import os
 from dataclasses import replace
 
@@ -13,14 +12,6 @@ from torchtitan.config import ConfigError, JobConfig
 from torchtitan.tools import utils
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 
-
-@pytest.fixture
-def captured_logs(caplog):
-    titan = logging.getLogger("torchtitan")
-    titan.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    titan.removeHandler(caplog.handler)
 
 
 @pytest.mark.parametrize(

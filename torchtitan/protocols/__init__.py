@@ -21,4 +21,5 @@ __all__ = [
     "dense_nparams_and_flops",
     "get_train_spec",
     "register_model_converter",
+    "register_train_spec",
 ]

@@ -132,6 +132,11 @@ def test_unsupported_parallelisms_fail_with_one_line(degrees: dict, flag: str) -
         check_supported(dims(2, **degrees), jc)
 
 
+def test_compiled_autograd_fails_with_one_line() -> None:
+    with pytest.raises(ConfigError, match="^--parallelism.enable_compiled_autograd is not supported yet; drop the flag$"):
+        check_supported(dims(1), job(enable_compiled_autograd=True))
+
+
 def test_ddp_with_tp_and_offload_without_fsdp_are_rejected() -> None:
     with pytest.raises(ConfigError, match="needs data_parallel_shard_degree > 1 \\(HSDP\\); DDP only runs alone$"):
         check_supported(dims(4, dp_replicate=2, dp_shard=1, tp=2), job())

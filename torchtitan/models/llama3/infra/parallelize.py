@@ -82,6 +82,8 @@ def check_supported(parallel_dims: ParallelDims, job_config: Any) -> None:
     ):
         if enabled:
             raise ConfigError(f"--parallelism.{flag} is not supported yet for llama3; set it to 1")
+    if p.enable_compiled_autograd:
+        raise ConfigError("--parallelism.enable_compiled_autograd is not supported yet; drop the flag")
     if parallel_dims.dp_replicate_enabled and not parallel_dims.fsdp_enabled and parallel_dims.tp_enabled:
         raise ConfigError(
             f"--parallelism.data_parallel_replicate_degree={parallel_dims.dp_replicate} with "

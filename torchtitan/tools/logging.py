@@ -1,7 +1,6 @@
 """Logging setup shared by every module: `logger = get_logger(__name__)`, `init_logger()` once in main."""
 
 import logging
-import os
 
 _ROOT = "torchtitan"
 logger = logging.getLogger(_ROOT)
@@ -13,11 +12,10 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def init_logger(level: int = logging.INFO) -> None:
-    """Configure torchtitan's loggers once: one stream handler, rank-prefixed lines."""
-    rank = os.environ.get("RANK")
-    prefix = f"[rank{rank}]" if rank is not None else ""
+    """Configure torchtitan's loggers once: one stream handler. The launchers' torchrun (`--role rank
+    --tee 3`) prefixes each rank's lines with `[rankN]:`, so the format carries no rank of its own."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"{prefix}[titan] %(asctime)s - %(levelname)s - %(message)s"))
+    handler.setFormatter(logging.Formatter("[titan] %(asctime)s - %(levelname)s - %(message)s"))
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False

@@ -25,7 +25,6 @@ def error_of(*args: str, toml: str | None = None, tmp_path: Path | None = None) 
     return message
 
 
-
 # torchtitan 0.2 defaults from DESIGN.md section 4, spot-checked across every section.
 DEFAULTS = {
     "job.dump_folder": "./outputs",

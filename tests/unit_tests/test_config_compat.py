@@ -14,7 +14,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "tests" / "assets" / "configs"
 
 
-
 def messages(log) -> list[str]:
     return [r.getMessage() for r in log.records if r.levelno >= logging.WARNING]
 

@@ -29,7 +29,6 @@ def clock(monkeypatch):
     return fake
 
 
-
 def _job_config(tmp_path, **metrics_overrides) -> JobConfig:
     job_config = JobConfig()
     job_config.job.dump_folder = str(tmp_path)

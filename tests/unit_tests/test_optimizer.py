@@ -31,7 +31,6 @@ def _config(**overrides):
     return replace(JobConfig().optimizer, **overrides)
 
 
-
 @pytest.mark.parametrize(
     "implementation, fused, foreach", [("fused", True, False), ("foreach", False, True), ("for-loop", False, False)]
 )

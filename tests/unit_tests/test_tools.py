@@ -2,6 +2,7 @@
 
 import gc
 import json
+import logging
 import os
 from dataclasses import replace
 
@@ -10,8 +11,8 @@ import torch
 
 from torchtitan.config import ConfigError, JobConfig
 from torchtitan.tools import utils
+from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-
 
 
 @pytest.mark.parametrize(
@@ -142,3 +143,16 @@ def test_memory_snapshot_is_a_warning_on_cpu(tmp_path, captured_logs):
     with maybe_enable_memory_snapshot(_profiling(), str(tmp_path)) as snapshotter:
         assert snapshotter is None
     assert os.listdir(tmp_path) == []
+
+
+def test_log_lines_carry_no_rank_prefix_of_their_own(monkeypatch):
+    """torchrun (`--role rank --tee 3`) already prefixes `[rankN]:`; our format must not add another."""
+    monkeypatch.setenv("RANK", "3")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        init_logger()
+        record = logging.LogRecord("torchtitan", logging.INFO, __file__, 1, "hello", None, None)
+        line = logger.handlers[0].format(record)
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    assert line.startswith("[titan] ") and line.endswith(" - INFO - hello"), line

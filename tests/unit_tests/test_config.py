@@ -307,6 +307,14 @@ def test_missing_and_malformed_toml(tmp_path):
     assert "line 1" in message
 
 
+def test_toml_with_utf8_byte_order_mark(tmp_path):
+    """Windows editors start UTF-8 files with a BOM; the file still loads."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes("\ufeff[training]\nsteps = 7\n".encode("utf-8"))
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert parse("--job.config_file", str(path)).training.steps == 7
+
+
 def test_cli_shape_errors():
     assert error_of("training.steps", "3").startswith("unexpected command-line argument 'training.steps'")
     assert error_of("--training.steps") == (

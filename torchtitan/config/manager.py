@@ -61,14 +61,15 @@ def _toml_tables(table: dict[str, Any], name: str) -> str:
 
 
 def load_toml(path: str) -> dict[str, Any]:
-    """Read a TOML config file; a missing or malformed file raises a one-line ConfigError."""
+    """Read a TOML config file (UTF-8, with or without the byte-order mark Windows editors write);
+    a missing or malformed file raises a one-line ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(
             f"config file not found: {path} (--job.config_file); fix: pass the path of an existing TOML file"
         )
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        with open(path, encoding="utf-8-sig") as f:
+            return tomllib.loads(f.read())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         reason = " ".join(str(e).split())
         raise ConfigError(f"cannot parse TOML config file {path}: {reason}; fix: correct the TOML syntax") from None

@@ -1,6 +1,8 @@
 """MetricsProcessor: values of a scripted sequence of steps in metrics.jsonl, console, TensorBoard and offline W&B."""
 
+import io
 import json
+import logging
 import resource
 from types import SimpleNamespace
 
@@ -10,6 +12,8 @@ import torch
 from torchtitan.components import metrics
 from torchtitan.components.metrics import build_metrics_processor
 from torchtitan.config import JobConfig
+from torchtitan.tools import utils
+from torchtitan.tools.logging import logger as torchtitan_logger
 
 FLOPS_PER_TOKEN = 6e9
 
@@ -120,7 +124,14 @@ def test_console_line(tmp_path, clock, captured_logs):
     assert "GiB(" in line and "%)" in line and "\033[" not in line
 
 
-def test_console_colors_and_missing_mfu(tmp_path, clock, captured_logs):
+class _Terminal:
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_colors_and_missing_mfu(tmp_path, clock, captured_logs, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(metrics, "console_colors", lambda disabled: utils.console_colors(disabled, _Terminal()))
     processor = _processor(_job_config(tmp_path, disable_color_printing=False, cpu_peak_tflops=None))
     processor.ntokens_since_last_log = 10
     clock.now += 1.0
@@ -130,6 +141,39 @@ def test_console_colors_and_missing_mfu(tmp_path, clock, captured_logs):
     assert "\033[31mstep:  1" in line and line.endswith("mfu: n/a\033[39m")
     assert record["mfu"] is None
     assert _read_jsonl(tmp_path / "metrics.jsonl")[0]["mfu"] is None
+
+
+@pytest.mark.parametrize(
+    ("tty", "no_color", "disabled", "colored"),
+    [
+        (True, None, False, True),
+        (False, None, False, False),  # a log file or a Slurm .out file
+        (True, "1", False, False),
+        (True, "", False, True),  # NO_COLOR counts only when non-empty
+        (True, None, True, False),
+    ],
+)
+def test_colors_only_on_a_terminal(monkeypatch, tty, no_color, disabled, colored):
+    stream = _Terminal() if tty else io.StringIO()
+    if no_color is None:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    else:
+        monkeypatch.setenv("NO_COLOR", no_color)
+    assert (utils.console_colors(disabled, stream).red == "\033[31m") is colored
+
+
+def test_default_stream_is_the_log_handlers(monkeypatch, tmp_path):
+    """Without an explicit stream, colors follow the stream torchtitan's log handler writes to."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    handler = logging.StreamHandler(_Terminal())
+    monkeypatch.setattr(torchtitan_logger, "handlers", [handler])
+    assert utils.console_colors(False).red == "\033[31m"
+    with open(tmp_path / "train.log", "w") as log_file:
+        handler.setStream(log_file)
+        assert utils.console_colors(False).red == ""
+        processor = _processor(_job_config(tmp_path, disable_color_printing=False))
+        processor.close()
+        assert processor.color.red == ""
 
 
 def test_should_log(tmp_path):

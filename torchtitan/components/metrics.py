@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from torchtitan.config import to_dict
 from torchtitan.tools.logging import get_logger
-from torchtitan.tools.utils import NO_COLOR, Color, device_name, get_peak_flops, total_ram_bytes
+from torchtitan.tools.utils import console_colors, device_name, get_peak_flops, total_ram_bytes
 
 logger = get_logger(__name__)
 
@@ -157,7 +157,7 @@ class MetricsProcessor:
         self.num_flops_per_token = num_flops_per_token
         # tokens are counted per data-parallel rank; the model-parallel ranks of that replica share them
         self.devices_per_replica = parallel_dims.non_data_parallel_size if parallel_dims is not None else 1
-        self.color = NO_COLOR if mcfg.disable_color_printing else Color()
+        self.color = console_colors(mcfg.disable_color_printing)
         self.memory_monitor = DeviceMemoryMonitor(device)
         self.peak_flops = get_peak_flops(device, mcfg.cpu_peak_tflops)
 

@@ -2,15 +2,19 @@
 
 import contextlib
 import gc
+import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
 from torchtitan.tools.logging import get_logger
+from torchtitan.tools.logging import logger as root_logger
 
 logger = get_logger(__name__)
 
@@ -106,6 +110,19 @@ class Color:
 
 
 NO_COLOR = Color(**{name: "" for name in Color.__dataclass_fields__})
+
+
+def console_colors(disabled: bool, stream: Any = None) -> Color:
+    """ANSI colors only where a person reads them: `stream` (default: where torchtitan logs) is a terminal,
+    `NO_COLOR` (https://no-color.org) is unset or empty, and `metrics.disable_color_printing` is off.
+    Log files and Slurm `.out` files therefore get plain text."""
+    if stream is None:
+        handlers = [h for h in root_logger.handlers if isinstance(h, logging.StreamHandler)]
+        stream = handlers[0].stream if handlers else sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if disabled or os.environ.get("NO_COLOR") or not (isatty and isatty()):
+        return NO_COLOR
+    return Color()
 
 
 class GarbageCollection:

@@ -146,6 +146,23 @@ def _run_case(case: dict[str, Any], world_size: int) -> tuple[dict[str, float], 
     return diffs, grads
 
 
+def _reductions(rank: int, world_size: int) -> dict[str, float]:
+    """The logging reductions of an fp32 scalar: the results, and the input afterwards (must be unchanged)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchtitan.distributed.utils import dist_max, dist_mean, dist_sum
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    value = torch.tensor(float(rank + 1))
+    return {
+        "sum": dist_sum(value, mesh),
+        "max": dist_max(value, mesh),
+        "mean": dist_mean(value, mesh),
+        "input_after": value.item(),
+        "input_before": float(rank + 1),
+    }
+
+
 def _worker(rank: int, world_size: int, port: int, cases: dict[str, dict[str, Any]], out: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -164,6 +181,7 @@ def _worker(rank: int, world_size: int, port: int, cases: dict[str, dict[str, An
         results[name], grads[name] = _run_case(case, world_size)
         if "same_as" in case:  # neither AC nor the meta-init path may change a single bit of the gradients
             results[name]["diff_to_same_layout"] = _max_diff(grads[name], grads[case["same_as"]])
+    results["reduce"] = _reductions(rank, world_size)
     comm = JobConfig().comm
     set_pg_timeouts(comm.train_timeout_seconds, ParallelDims(1, world_size, 1, 1, 1, 1, 1, world_size))
     group = dist.group.WORLD._get_backend(torch.device("cpu"))
@@ -255,6 +273,14 @@ def test_four_rank_parity(four_rank: dict[str, Any], case: str) -> None:
 
 def test_one_intra_op_thread_per_rank(two_rank: dict[str, Any]) -> None:
     assert two_rank["threads"]["per_rank"] == 1
+
+
+def test_logging_reductions_leave_their_input_alone(two_rank: dict[str, Any]) -> None:
+    """dist_sum must not turn the trainer's loss_sum into the global sum (the max loss came out D times too
+    large): rank 0 holds 1.0 before and after; the sum of 1 and 2 is 3, the max 2, the mean 1.5."""
+    r = two_rank["reduce"]
+    assert r["input_after"] == r["input_before"] == 1.0
+    assert (r["sum"], r["max"], r["mean"]) == (3.0, 2.0, 1.5)
 
 
 def test_train_timeout_applied_after_init(two_rank: dict[str, Any]) -> None:

@@ -155,13 +155,15 @@ def clip_grad_norm_(
 
 
 def _reduce(x: float | torch.Tensor, op: dist.ReduceOp, mesh: DeviceMesh | None) -> float:
-    t = x.detach().float() if isinstance(x, torch.Tensor) else torch.tensor(float(x))
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.tensor(float(x))
     if isinstance(t, DTensor):
         t = t.full_tensor()
     if mesh is None:
         return float(t.item())
     device = "cuda" if mesh.device_type == "cuda" else "cpu"
-    t = t.to(device).reshape(())
+    # all_reduce works in place: reduce a copy, never the caller's tensor (`.float()` of an fp32
+    # tensor or `.to()` to its own device would return that very tensor).
+    t = t.to(device=device, dtype=torch.float32, copy=True).reshape(())
     dist.all_reduce(t, op=op, group=mesh.get_group())
     return float(t.item())
 

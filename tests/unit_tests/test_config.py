@@ -315,6 +315,45 @@ def test_toml_with_utf8_byte_order_mark(tmp_path):
     assert parse("--job.config_file", str(path)).training.steps == 7
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--parallelism.pipeline_parallel_degree", "2"], "parallelism.pipeline_parallel_degree=2"),
+        (["--parallelism.context_parallel_degree", "2"], "parallelism.context_parallel_degree=2"),
+        (["--parallelism.expert_parallel_degree", "4"], "parallelism.expert_parallel_degree=4"),
+        (["--parallelism.expert_tensor_parallel_degree", "2"], "parallelism.expert_tensor_parallel_degree=2"),
+        (["--parallelism.enable_compiled_autograd"], "parallelism.enable_compiled_autograd=true"),
+        (["--optimizer.early_step_in_backward"], "optimizer.early_step_in_backward=true"),
+        (["--validation.enable"], "validation.enable=true"),
+        (["--memory_estimation.enable"], "memory_estimation.enable=true"),
+        (["--fault_tolerance.enable"], "fault_tolerance.enable=true"),
+        (["--model.converters", "quantize.linear.float8"], "model.converters=['quantize.linear.float8']"),
+        (["--model.converters", "quantize.linear.mx"], "model.converters=['quantize.linear.mx']"),
+        (["--model.converters", "float8"], "model.converters=['quantize.linear.float8']"),  # 0.1 name, renamed
+    ],
+)
+def test_switches_of_unbuilt_features_are_refused(args, message):
+    """Whatever switches on a feature that is not built is refused in one line, from one table."""
+    assert error_of(*args).startswith(f"{message} is not supported yet; fix: ")
+
+
+def test_settings_of_features_that_are_off_stay_accepted(tmp_path):
+    """torchtitan's own TOML files parametrize features they leave off: that parses, and changes nothing."""
+    config = parse(
+        "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+        "--parallelism.context_parallel_load_balancer", "headtail",
+        toml=(
+            "[parallelism]\npipeline_parallel_degree = 1\npipeline_parallel_microbatch_size = 2\n"
+            "[quantize.linear.float8]\nenable_fsdp_float8_all_gather = true\nfilter_fqns = ['output']\n"
+            "[validation]\nenable = false\nfreq = 5\n[memory_estimation]\ndisable_fake_mode = true\n"
+        ),
+        tmp_path=tmp_path,
+    )
+    assert config.parallelism.pipeline_parallel_schedule == "Interleaved1F1B"
+    assert config.quantize.linear.float8.enable_fsdp_float8_all_gather
+    assert config.model.converters == [] and not config.validation.enable
+
+
 def test_cli_shape_errors():
     assert error_of("training.steps", "3").startswith("unexpected command-line argument 'training.steps'")
     assert error_of("--training.steps") == (

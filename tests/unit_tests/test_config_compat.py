@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from torchtitan.config import ConfigManager
+from torchtitan.config import ConfigError, ConfigManager, validation
 from torchtitan.config.job_config import JobConfig
 from torchtitan.config.schema import sections, tomllib
 
@@ -32,10 +32,25 @@ def test_v02_fixture_covers_every_section():
     assert tables(data) == set(sections(JobConfig))
 
 
+@pytest.fixture
+def schema_only(monkeypatch):
+    """The fixtures and aliases here switch on features that are not built yet (PP, CP, Float8, validation),
+    which a run refuses in one line (see test_config.py). These tests check names and values only."""
+    monkeypatch.setattr(validation, "NOT_BUILT", {})
+
+
+def test_fixtures_switch_on_unbuilt_features():
+    for name in ("titan_v02_all_sections.toml", "titan_v01_deprecated.toml"):
+        with pytest.raises(ConfigError, match="is not supported yet; fix: "):
+            ConfigManager().parse_args(["--job.config_file", str(CONFIGS / name)])
+
+
+@pytest.mark.usefixtures("schema_only")
 def test_v02_fixture_loads_with_zero_warnings(captured_warnings):
+    fixture = ["--job.config_file", str(CONFIGS / "titan_v02_all_sections.toml")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = ConfigManager().parse_args(["--job.config_file", str(CONFIGS / "titan_v02_all_sections.toml")])
+        config = ConfigManager().parse_args(fixture)
     assert [str(w.message) for w in caught] == []
     assert messages(captured_warnings) == []
     assert config.training.dataloader.num_workers == 2
@@ -78,6 +93,7 @@ ALIASES = [
 ]
 
 
+@pytest.mark.usefixtures("schema_only")
 @pytest.mark.parametrize("args, new_key, value", ALIASES, ids=[a[0][0] for a in ALIASES])
 def test_deprecated_cli_alias(args, new_key, value, captured_warnings):
     config = ConfigManager().parse_args(args)
@@ -108,6 +124,7 @@ def test_removed_keys_are_ignored_with_warning(captured_warnings):
     ]
 
 
+@pytest.mark.usefixtures("schema_only")
 def test_v01_fixture_maps_every_old_name(captured_warnings):
     path = CONFIGS / "titan_v01_deprecated.toml"
     config = ConfigManager().parse_args(["--job.config_file", str(path)])
@@ -165,6 +182,8 @@ def test_repo_has_job_tomls():
 
 
 @pytest.mark.parametrize("path", _repo_tomls(), ids=lambda p: str(p.relative_to(REPO)))
-def test_every_repo_toml_parses(path):
+def test_every_repo_toml_parses(path, request):
+    if path.parent == CONFIGS:
+        request.getfixturevalue("schema_only")
     config = ConfigManager().parse_args(["--job.config_file", str(path)])
     assert config.job.config_file == str(path)

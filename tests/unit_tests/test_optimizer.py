@@ -83,7 +83,6 @@ def test_fused_falls_back_with_warning(monkeypatch, captured_warnings):
     [
         ({"name": "SGD"}, "optimizer.name='SGD' is not supported: use one of Adam, AdamW"),
         ({"implementation": "triton"}, "optimizer.implementation='triton' is not supported"),
-        ({"early_step_in_backward": True}, "optimizer.early_step_in_backward=true is not supported yet"),
     ],
 )
 def test_config_errors(overrides, message):

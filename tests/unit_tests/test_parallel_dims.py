@@ -118,25 +118,6 @@ def test_validate_model_against_heads_seq_len_and_batch() -> None:
     validate_model(dims(4, tp=2), tiny_args(), job())
 
 
-@pytest.mark.parametrize(
-    "degrees,flag",
-    [
-        (dict(pp=2), "pipeline_parallel_degree"),
-        (dict(cp=2), "context_parallel_degree"),
-        (dict(ep=2), "expert_parallel_degree"),
-    ],
-)
-def test_unsupported_parallelisms_fail_with_one_line(degrees: dict, flag: str) -> None:
-    jc = job(**{flag: 2})
-    with pytest.raises(ConfigError, match=f"^--parallelism.{flag}=2 is not supported yet for llama3; set it to 1$"):
-        check_supported(dims(2, **degrees), jc)
-
-
-def test_compiled_autograd_fails_with_one_line() -> None:
-    with pytest.raises(ConfigError, match="^--parallelism.enable_compiled_autograd is not supported yet; drop the flag$"):
-        check_supported(dims(1), job(enable_compiled_autograd=True))
-
-
 def test_ddp_with_tp_and_offload_without_fsdp_are_rejected() -> None:
     with pytest.raises(ConfigError, match="needs data_parallel_shard_degree > 1 \\(HSDP\\); DDP only runs alone$"):
         check_supported(dims(4, dp_replicate=2, dp_shard=1, tp=2), job())

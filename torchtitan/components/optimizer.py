@@ -93,10 +93,6 @@ def build_optimizers(
         raise ConfigError(
             f"optimizer.implementation={impl!r} is not supported: use one of {', '.join(_IMPLEMENTATIONS)}"
         )
-    if getattr(optimizer_config, "early_step_in_backward", False):
-        raise ConfigError(
-            "optimizer.early_step_in_backward=true is not supported yet: set optimizer.early_step_in_backward=false"
-        )
     flags = dict(_IMPLEMENTATIONS[impl])
     if flags["fused"] and not _fused_supported(model_parts):
         devices = sorted({p.device.type for part in model_parts for p in part.parameters()})

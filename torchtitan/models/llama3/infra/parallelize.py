@@ -74,16 +74,6 @@ def llama_tp_plan(sequence_parallel: bool = True, loss_parallel: bool = True) ->
 
 def check_supported(parallel_dims: ParallelDims, job_config: Any) -> None:
     """One-line ConfigErrors for layouts this model's parallelize function does not implement."""
-    p = job_config.parallelism
-    for enabled, flag in (
-        (parallel_dims.pp_enabled, f"pipeline_parallel_degree={p.pipeline_parallel_degree}"),
-        (parallel_dims.cp_enabled, f"context_parallel_degree={p.context_parallel_degree}"),
-        (parallel_dims.ep_enabled, f"expert_parallel_degree={p.expert_parallel_degree}"),
-    ):
-        if enabled:
-            raise ConfigError(f"--parallelism.{flag} is not supported yet for llama3; set it to 1")
-    if p.enable_compiled_autograd:
-        raise ConfigError("--parallelism.enable_compiled_autograd is not supported yet; drop the flag")
     if parallel_dims.dp_replicate_enabled and not parallel_dims.fsdp_enabled and parallel_dims.tp_enabled:
         raise ConfigError(
             f"--parallelism.data_parallel_replicate_degree={parallel_dims.dp_replicate} with "

@@ -47,6 +47,25 @@ class _Batches(Iterator[Batch]):
                 f"dataset {dataset.name!r} is exhausted after {self._loader.position().window} windows of "
                 f"{dataset.seq_len + 1} tokens"
             ) from None
+        except ConfigError as e:
+            original = _worker_message(e)
+            if original is None:
+                raise
+            raise type(e)(original) from None
+
+
+def _worker_message(e: ConfigError) -> str | None:
+    """The original message of a ConfigError raised in a loader worker, or None if `e` was not.
+
+    torch re-raises it in the main process as "Caught ConfigError in DataLoader worker process N.\nOriginal
+    Traceback (most recent call last):\n...\n<module>.ConfigError: <message>".
+    """
+    text = str(e)
+    if not text.startswith(f"Caught {type(e).__name__} in DataLoader worker"):
+        return None
+    prefix = f"\n{type(e).__module__}.{type(e).__qualname__}: "
+    start = text.rfind(prefix)
+    return text[start + len(prefix) :].strip() if start >= 0 else None
 
 
 class ParallelAwareDataloader(StatefulDataLoader):

@@ -1,9 +1,11 @@
 """Document sources: a resumable stream of texts read with the Hugging Face `datasets` library."""
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchtitan.components.datasets.diagnose import READ_ERRORS, find_bad_file, one_line
 from torchtitan.components.datasets.paths import resolve_path
 from torchtitan.components.datasets.registry import get_dataset_spec
 from torchtitan.config import ConfigError
@@ -20,30 +22,68 @@ def _builder(path: Path) -> str | None:
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
+@dataclass(frozen=True)
+class LocalFiles:
+    """The local data files of a dataset, read with the `datasets` builder `builder`, and their config key."""
+
+    origin: str  # e.g. "training.dataset_path='data/'"
+    builder: str
+    files: list[str]
+    text_column: str
+
+    def error(self, e: BaseException, shard: int = 0) -> ConfigError:
+        """A one-line error for `e`, raised reading the files (`files[shard]` is the likely culprit): it names
+        the first bad file, and the line, that a re-read finds."""
+        bad = find_bad_file(self.files, self.builder, self.text_column, start=shard)
+        if bad:
+            return ConfigError(f"{self.origin}: {bad}; fix or remove that file")
+        return ConfigError(f"{self.origin}: cannot read {self.files[shard]} as {self.builder} ({one_line(e)})")
+
+    def shard(self, state: dict) -> int:
+        """The index of the file a `datasets` stream is reading, from its state (0 if not found there)."""
+        while "examples_iterable" in state:
+            state = state["examples_iterable"]
+        shard = state.get("shard_idx", 0)
+        return shard if 0 <= shard < len(self.files) else 0
+
+
 class HFDocuments:
     """The documents of a streaming `datasets.IterableDataset`, resumable from the state before any of them.
 
     Iterates with `IterableDataset.iter`, not `iter(dataset)`: inside a DataLoader worker the latter would
-    shard the data by worker, while every worker here must see the whole stream.
+    shard the data by worker, while every worker here must see the whole stream. For `local` files, a read
+    error (a corrupt file) becomes a one-line ConfigError naming the file.
     """
 
-    def __init__(self, dataset: Any, text_column: str, description: str):
+    def __init__(self, dataset: Any, text_column: str, description: str, local: LocalFiles | None = None):
         self._dataset = dataset
         self._text_column = text_column
+        self._local = local
         self.description = description
 
     def documents(self, state: dict | None) -> Iterator[tuple[dict | None, str]]:
         """Yield (source state just before the document, document text), starting at `state` (None: the start)."""
         self._dataset.load_state_dict(state)
         before = state
-        for batch in self._dataset.iter(batch_size=1):
-            if self._text_column not in batch:
-                raise ConfigError(
-                    f"{self.description} has no {self._text_column!r} column (columns: {sorted(batch)}); "
-                    "use a dataset whose documents are in a 'text' field"
-                )
-            yield before, batch[self._text_column][0] or ""
-            before = self._dataset.state_dict()
+        try:
+            for batch in self._dataset.iter(batch_size=1):
+                if self._text_column not in batch:
+                    raise self._missing_column(sorted(batch))
+                yield before, batch[self._text_column][0] or ""
+                before = self._dataset.state_dict()
+        except READ_ERRORS as e:
+            if self._local is None:
+                raise
+            raise self._local.error(e, self._local.shard(self._dataset.state_dict())) from None
+
+    def _missing_column(self, columns: list[str]) -> ConfigError:
+        where = self.description
+        if self._local is not None:
+            where = f"{self._local.origin}: {self._local.files[self._local.shard(self._dataset.state_dict())]}"
+        return ConfigError(
+            f"{where} has no {self._text_column!r} column (columns: {columns}); "
+            "use a dataset whose documents are in a 'text' field"
+        )
 
 
 def _local_files(root: Path, pattern: str | None, origin: str) -> tuple[str, list[str]]:
@@ -65,12 +105,6 @@ def _local_files(root: Path, pattern: str | None, origin: str) -> tuple[str, lis
     return builders.pop(), [str(p) for p in files]
 
 
-def _reason(e: BaseException) -> str:
-    """One line describing a loading error (ConfigError messages are single lines)."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def _looks_local(location: str) -> bool:
     return location.startswith((".", "/", "~")) or _builder(Path(location)) is not None
 
@@ -90,18 +124,20 @@ def load_documents(name: str, dataset_path: str | None, section: str) -> HFDocum
     if local is not None:
         builder, files = _local_files(local, spec.data_files, origin)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
+        local_files = LocalFiles(origin, builder, files, spec.text_column)
         try:
             dataset = load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-        except (StopIteration, ValueError, OSError) as e:  # the json loader raises StopIteration on empty files
-            raise ConfigError(f"{origin}: cannot read {local} as {builder} ({_reason(e)})") from None
-        return HFDocuments(dataset, spec.text_column, f"{origin} ({len(files)} {builder} files in {location})")
+        except (StopIteration, *READ_ERRORS) as e:  # the json loader raises StopIteration on empty files
+            raise local_files.error(e) from None
+        description = f"{origin} ({len(files)} {builder} files in {location})"
+        return HFDocuments(dataset, spec.text_column, description, local_files)
     if _looks_local(location):
         raise ConfigError(f"{origin} does not exist; give an existing file or folder, or a hub dataset id")
     try:
         dataset = load_dataset(location, name=spec.hub_config, split=spec.split, streaming=True)
     except (OSError, ValueError) as e:
         raise ConfigError(
-            f"{origin}: cannot load {location!r} from the Hugging Face hub ({_reason(e)}); check the id and "
+            f"{origin}: cannot load {location!r} from the Hugging Face hub ({one_line(e)}); check the id and "
             "network, or use a local copy"
         ) from None
     return HFDocuments(dataset, spec.text_column, f"{origin} (hub {location!r}, split {spec.split})")

@@ -22,6 +22,7 @@ from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.logging import init_logger, logger
+from torchtitan.tools.parent_watch import exit_with_launcher
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan.tools.utils import GarbageCollection
 
@@ -263,6 +264,7 @@ def _autocast_context(job_config: JobConfig, pd: ParallelDims, device: torch.dev
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse the config, train, and always shut down cleanly."""
     init_logger()
+    exit_with_launcher()
     trainer = None
     clean = False
     try:

@@ -8,6 +8,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +101,8 @@ def start_train(
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """The pids of every process below `pid` (children first)."""
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -108,16 +111,45 @@ def _descendants(pid: int) -> list[int]:
             continue
         if ppid == pid:
             children.append(int(stat.parent.name))
-    return children + [d for child in children for d in _descendants(child)]
+    return children + [d for child in children for d in descendants(child)]
 
 
 def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL a job from `start_train` like a preemption: the launcher and every worker (torchrun starts
     each worker in a session of its own, so killing the launcher's process group would miss them)."""
-    for pid in [*_descendants(proc.pid), proc.pid]:
+    for pid in [*descendants(proc.pid), proc.pid]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
+
+
+def wait_until(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 300) -> None:
+    """Return as soon as `condition()` holds; fail if the job ends or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the job ended (exit code {proc.returncode}) before the kill point"
+        assert time.monotonic() < deadline, "the job never reached the kill point"
+        time.sleep(0.05)
+
+
+def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 300) -> None:
+    """SIGKILL the whole job as soon as `condition()` holds; fail if the job ends first."""
+    try:
+        wait_until(proc, condition, timeout)
+    finally:
+        kill_job(proc)
+
+
+def logged_steps(dump_folder: Path) -> list[int]:
+    """Steps in metrics.jsonl so far (complete lines only: the job may be writing)."""
+    path = dump_folder / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line)["step"] for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def losses_after(run: Run, n_records: int) -> dict[int, float]:
+    """The losses this run's dump folder logged after its first `n_records` records (a restarted run)."""
+    return {r["step"]: r["loss"] for r in run.metrics()[n_records:]}
 
 
 def run_module(dump_folder: Path, *overrides: str, config: Path = DEBUG_CONFIG, timeout: int = 300) -> Run:

@@ -2,12 +2,10 @@
 crash safety, the save/load policies, model-only and Hugging Face exports, and load errors."""
 
 import copy
-import json
 import math
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +15,6 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 import torchtitan.models  # noqa: F401  (registers the llama3 TrainSpec)
-from torchtitan.components.checkpoint_storage import TEST_SLEEP_ENV
 from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.protocols.train_spec import get_train_spec
 from tests.integration_tests.runner import (
@@ -28,8 +25,10 @@ from tests.integration_tests.runner import (
     assert_losses_close,
     dcp_dtypes,
     error_lines,
-    kill_job,
+    kill_when,
     load_dcp_tensors,
+    logged_steps,
+    losses_after,
     run_module,
     run_train,
     start_train,
@@ -72,11 +71,6 @@ def saved(cached_run) -> Run:
 
 def checkpoint_dir(run: Run) -> Path:
     return run.dump_folder / "checkpoint"
-
-
-def losses_after(run: Run, n_records: int) -> dict[int, float]:
-    """The losses this run's dump folder logged after its first `n_records` records (a restarted run)."""
-    return {r["step"]: r["loss"] for r in run.metrics()[n_records:]}
 
 
 def saved_states(step_folder: Path) -> set[str]:
@@ -151,25 +145,6 @@ def test_resume_is_exact(tmp_path, cached_run, data, mode):
 
 # ---------------------------------------------------------------- crash safety
 
-def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 300) -> None:
-    """SIGKILL the whole job as soon as `condition()` holds; fail if the job ends first."""
-    try:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert proc.poll() is None, f"the job ended (exit code {proc.returncode}) before the kill point"
-            assert time.monotonic() < deadline, "the job never reached the kill point"
-            time.sleep(0.05)
-    finally:
-        kill_job(proc)
-
-
-def logged_steps(dump_folder: Path) -> list[int]:
-    """Steps in metrics.jsonl so far (complete lines only: the job may be writing)."""
-    path = dump_folder / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line)["step"] for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
-
-
 def killed_then_resumed(
     dump_folder: Path, overrides: list[str], condition: Callable[[], bool], env: dict[str, str] | None = None
 ) -> tuple[list[int], dict[int, float]]:
@@ -185,13 +160,15 @@ def killed_then_resumed(
 
 @pytest.mark.parametrize("mode", ["disabled", "async"])
 def test_kill_during_save_resumes_from_the_previous_step(tmp_path, cached_run, mode):
-    """SIGKILL while step 10 is being saved (its files written, the folder not yet committed): step 10 does
-    not count, the restart resumes from step 5, removes the leftover, and matches the uninterrupted run."""
+    """SIGKILL while step 10 is being saved (its files written, the folder not yet committed: the job runs
+    `slow_commit_train`, which pauses there): step 10 does not count, the restart resumes from step 5,
+    removes the leftover, and matches the uninterrupted run."""
     ref = cached_run(*REF).losses()
     overrides = [*CKPT, "--checkpoint.interval", "5", "--checkpoint.async_mode", mode]
     partial = tmp_path / "checkpoint" / "step-10.tmp"
     complete, resumed = killed_then_resumed(
-        tmp_path, overrides, lambda: (partial / ".metadata").exists(), env={TEST_SLEEP_ENV: "3"}
+        tmp_path, overrides, lambda: (partial / ".metadata").exists(),
+        env={"TRAIN_FILE": "tests.integration_tests.slow_commit_train"},
     )
     assert complete == [5]
     assert_losses_close(resumed, ref, 0, steps=list(range(6, 21)))

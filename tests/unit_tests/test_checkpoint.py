@@ -20,7 +20,6 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from torchtitan.components.checkpoint import CheckpointManager, validate_seed_checkpoint
-from torchtitan.components.checkpoint_storage import TEST_SLEEP_ENV
 from torchtitan.components.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.config import ConfigError
@@ -241,16 +240,19 @@ def test_crash_inside_the_write_keeps_the_previous_step(tmp_path, monkeypatch):
 
 
 def test_kill_before_commit_leaves_no_step_folder(tmp_path):
-    """SIGKILL while a save sits between writing its files and renaming its folder."""
+    """SIGKILL while a save sits between writing its files and renaming its folder (the manifest write
+    just before the rename is made to sleep)."""
     script = textwrap.dedent(
         f"""
-        import sys
+        import sys, time
         sys.path.insert(0, {REPO!r})
         from tests.unit_tests.test_checkpoint import Run, cfg
+        from torchtitan.components import checkpoint_storage
         run = Run({str(tmp_path)!r}, cfg())
         run.train(2)
         print("saved", flush=True)
-        import os; os.environ[{TEST_SLEEP_ENV!r}] = "60"
+        write_synced = checkpoint_storage._write_synced
+        checkpoint_storage._write_synced = lambda *args: (time.sleep(60), write_synced(*args))
         run.train(2)
         """
     )

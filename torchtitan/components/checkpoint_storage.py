@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,9 +46,6 @@ TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
 # Top-level names of the non-model states of a full training checkpoint.
 TRAINING_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
-# Seconds to sleep after the files are written and before the folder is committed; lets crash tests
-# kill a run inside the write window. Never set in real runs.
-TEST_SLEEP_ENV = "TORCHTITAN_CHECKPOINT_TEST_SLEEP_BEFORE_COMMIT"
 _CHUNK = 8 << 20
 
 # DCP warns on every single-process save/load, even when no_dist=True is passed on purpose.
@@ -366,8 +362,6 @@ def commit(tmp: str, final: str, comm: Comm) -> None:
     if comm.rank == 0:
         if not is_complete(tmp):
             raise RuntimeError(f"checkpoint write to {tmp} finished without {DCP_METADATA} or {HF_INDEX}")
-        if os.environ.get(TEST_SLEEP_ENV):
-            time.sleep(float(os.environ[TEST_SLEEP_ENV]))
         manifest = {"algorithm": "sha256", "files": {k: v for part in gathered for k, v in part.items()}}
         _write_synced(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
         old = final.rstrip("/") + OLD_SUFFIX

@@ -41,7 +41,7 @@ class Trainer(Stateful):
         self.step = 0
         self.ntokens_seen = 0
 
-        self.device = dist_utils.init_distributed(job_config.comm)
+        self.device = dist_utils.init_distributed(job_config.comm, job_config.job.dump_folder)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.parallel_dims = pd = ParallelDims.from_job_config(job_config, world_size)
         dist_utils.set_determinism(pd, self.device, job_config.debug)
@@ -203,7 +203,8 @@ class Trainer(Stateful):
             validate_seed_checkpoint(self.parallel_dims)
             self.checkpointer.save_seed()
             return
-        logger.info(f"training from step {self.step + 1} to {jc.training.steps}")
+        first_step = self.step + 1
+        logger.info(f"training from step {first_step} to {jc.training.steps}")
         data_iter = iter(self.dataloader)
         self.metrics.reset_timers(self.step)
         with (
@@ -225,13 +226,14 @@ class Trainer(Stateful):
                     profiler.step()
                 if snapshot is not None:
                     snapshot.step()
-                if self.step == 1:
+                if self.step == first_step:  # also after a resume: the first step this process ran
                     dist_utils.set_pg_timeouts(jc.comm.train_timeout_seconds, self.parallel_dims)
         logger.info("training finished")
 
     def close(self) -> None:
         self.checkpointer.close()
         self.metrics.close()
+        self.gc_handler.close()
 
 
 def _global_rank() -> int:

@@ -27,29 +27,48 @@ def init_distributed(comm_config: Any, dump_folder: str = "") -> torch.device:
 
     CUDA -> `cuda:LOCAL_RANK` with NCCL; otherwise CPU with gloo. A plain `python -m ...` run (no
     WORLD_SIZE) creates no process group. On CPU with several ranks each rank gets one intra-op thread
-    unless OMP_NUM_THREADS is set. `comm_config.init_timeout_seconds` bounds the rendezvous.
+    unless OMP_NUM_THREADS is set. `comm_config.init_timeout_seconds` bounds the rendezvous. The flight
+    recorder dumps (NCCL only) go under `dump_folder` (see `configure_flight_recorder`).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        if comm_config.trace_buf_size > 0:
-            os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(comm_config.trace_buf_size))
-            if dump_folder:
-                trace_dir = os.path.join(dump_folder, comm_config.save_traces_folder)
-                os.makedirs(trace_dir, exist_ok=True)
-                os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(trace_dir, "rank_"))
     else:
         device = torch.device("cpu")
         if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        configure_flight_recorder(comm_config, dump_folder, device.type)
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(seconds=comm_config.init_timeout_seconds),
             device_id=device if device.type == "cuda" else None,
         )
     return device
+
+
+def configure_flight_recorder(comm_config: Any, dump_folder: str, device_type: str) -> str | None:
+    """Set up NCCL's flight recorder before the process group exists; returns the dump folder or None.
+
+    With `comm.trace_buf_size` > 0 on CUDA, the last collectives of each rank are recorded and dumped to
+    `dump_folder/comm.save_traces_folder/rank_N` when a collective times out. Gloo has no flight
+    recorder, so on CPU this only says so, once. Variables the user already set win.
+    """
+    if comm_config.trace_buf_size <= 0:
+        return None
+    if device_type != "cuda":
+        logger.info(
+            f"comm.trace_buf_size={comm_config.trace_buf_size}: the flight recorder needs NCCL (CUDA); "
+            "no collective traces are recorded on this device"
+        )
+        return None
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(comm_config.trace_buf_size))
+    trace_dir = os.path.join(dump_folder, comm_config.save_traces_folder)
+    os.makedirs(trace_dir, exist_ok=True)
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(trace_dir, "rank_"))
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    return trace_dir
 
 
 def set_pg_timeouts(timeout_seconds: float, parallel_dims: ParallelDims) -> None:

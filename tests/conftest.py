@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import torchtitan.builtins  # noqa: E402, F401  (tests, like the trainer, see the built-in models and converters)
+
 
 @pytest.fixture(autouse=True)
 def _torchtitan_logs_reach_caplog():

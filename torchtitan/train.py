@@ -1,7 +1,6 @@
 """The one generic training loop: `python -m torchtitan.train --job.config_file FILE [overrides]`."""
 
 import contextlib
-import copy
 import os
 import sys
 import time
@@ -12,21 +11,21 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+import torchtitan.builtins  # noqa: F401  (registers the built-in models and converters)
 from torchtitan.components.checkpoint import CheckpointManager, validate_seed_checkpoint
 from torchtitan.components.dataloader import DataExhaustedError
 from torchtitan.components.metrics import build_metrics_processor
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
+from torchtitan.config.validation import gradient_accumulation_steps
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.compile import disable_compile_caches_for_tp
 from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.protocols.model_converter import build_model_converters
-from torchtitan.protocols.train_spec import get_train_spec
+from torchtitan.protocols.train_spec import build_meta_model, get_train_spec
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.parent_watch import exit_with_launcher
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-from torchtitan.tools.utils import GarbageCollection
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from torchtitan.tools.utils import TORCH_DTYPES, GarbageCollection
 
 
 class TrainingDivergedError(RuntimeError):
@@ -54,17 +53,8 @@ class Trainer(Stateful):
         )
 
         # Model: built on meta, converted, parallelized, then materialized.
-        flavors = spec.model_args
-        if job_config.model.flavor not in flavors:
-            raise ConfigError(
-                f"model.flavor={job_config.model.flavor!r} is not a flavor of {job_config.model.name!r}; "
-                f"choose one of {sorted(flavors)}"
-            )
-        self.model_args = copy.deepcopy(flavors[job_config.model.flavor])
-        self.model_args.update_from_config(job_config, self.tokenizer)
+        self.model_args, model = build_meta_model(spec, job_config, self.tokenizer)
         validate_model(pd, self.model_args, job_config)
-        with torch.device("meta"):
-            model = spec.model_cls(self.model_args)
         converters = build_model_converters(job_config, pd)
         converters.convert(model)
         nparams, self.flops_per_token = self.model_args.get_nparams_and_flops(
@@ -75,7 +65,7 @@ class Trainer(Stateful):
         model.to_empty(device=self.device)
         with torch.no_grad():
             model.init_weights(buffer_device=None)
-        model.to(dtype=_DTYPES[job_config.training.dtype])
+        model.to(dtype=TORCH_DTYPES[job_config.training.dtype])
         model.train()
         self.model_parts = [model]
 
@@ -103,14 +93,8 @@ class Trainer(Stateful):
         )
 
         tc = job_config.training
-        global_batch = tc.local_batch_size * pd.dp_world_size if tc.global_batch_size < 0 else tc.global_batch_size
-        per_microbatch = tc.local_batch_size * pd.dp_world_size
-        if global_batch % per_microbatch:
-            raise ConfigError(
-                f"training.global_batch_size={global_batch} is not a multiple of local_batch_size x "
-                f"data-parallel degree ({tc.local_batch_size} x {pd.dp_world_size}); adjust one of them"
-            )
-        self.grad_accum_steps = global_batch // per_microbatch
+        self.grad_accum_steps = gradient_accumulation_steps(tc, pd.dp_world_size)
+        global_batch = self.grad_accum_steps * tc.local_batch_size * pd.dp_world_size
         self.autocast = _autocast_context(job_config, pd, self.device)
         self.gc_handler = GarbageCollection(tc.gc_freq, tc.gc_debug)
         self.metrics = build_metrics_processor(
@@ -251,7 +235,7 @@ def _shutdown(clean: bool) -> None:
 
 def _autocast_context(job_config: JobConfig, pd: ParallelDims, device: torch.device):
     """Autocast to `mixed_precision_param` when FSDP (which casts parameters itself) is off."""
-    dtype = _DTYPES[job_config.training.mixed_precision_param]
+    dtype = TORCH_DTYPES[job_config.training.mixed_precision_param]
     if dtype != torch.float32 and device.type == "cpu" and "AVX512" not in torch.backends.cpu.get_cpu_capability():
         logger.warning(
             f"training.mixed_precision_param={job_config.training.mixed_precision_param} on a CPU without "

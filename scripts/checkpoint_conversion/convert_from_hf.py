@@ -10,6 +10,7 @@ and load the safetensors directly with `--checkpoint.initial_load_in_hf`).
 import argparse
 import sys
 
+import torchtitan.builtins  # noqa: F401  (registers the built-in models)
 from torchtitan.components.checkpoint_hf import convert_hf_to_dcp
 from torchtitan.config import ConfigError
 from torchtitan.tools.logging import init_logger, logger

@@ -10,7 +10,8 @@ found in --hf_assets_path are copied next to the weights.
 import argparse
 import sys
 
-from torchtitan.components.checkpoint import EXPORT_DTYPES
+from torchtitan.tools.utils import TORCH_DTYPES
+import torchtitan.builtins  # noqa: F401  (registers the built-in models)
 from torchtitan.components.checkpoint_hf import convert_dcp_to_hf
 from torchtitan.config import ConfigError
 from torchtitan.tools.logging import init_logger, logger
@@ -23,13 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_name", default="llama3", help="registered model name (default: llama3)")
     parser.add_argument("--model_flavor", required=True, help="flavor of the model, e.g. 8B or debugmodel")
     parser.add_argument("--hf_assets_path", default=None, help="tokenizer/config assets to copy and take ids from")
-    parser.add_argument("--export_dtype", default="float32", choices=sorted(EXPORT_DTYPES))
+    parser.add_argument("--export_dtype", default="float32", choices=sorted(TORCH_DTYPES))
     args = parser.parse_args(argv)
     init_logger()
     try:
         convert_dcp_to_hf(
             args.input_dir, args.output_dir, args.model_name, args.model_flavor, args.hf_assets_path,
-            EXPORT_DTYPES[args.export_dtype],
+            TORCH_DTYPES[args.export_dtype],
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

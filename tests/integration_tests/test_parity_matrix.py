@@ -161,7 +161,7 @@ INVALID_LAYOUTS = [
     ("seq-len-not-divisible-by-sp", 2, ["--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "63"],
      "training.seq_len=63"),
     ("global-batch-not-multiple", 2, ["--parallelism.data_parallel_shard_degree", "2",
-                                      "--training.global_batch_size", "12"], "global_batch_size=12"),
+                                      "--training.global_batch_size", "12"], "global_batch_size = 12 is invalid"),
     ("ddp-with-tp", 4, ["--parallelism.data_parallel_replicate_degree", "2",
                         "--parallelism.data_parallel_shard_degree", "1", "--parallelism.tensor_parallel_degree", "2"],
      "data_parallel_replicate_degree=2"),

@@ -63,9 +63,9 @@ def test_errors_exit_2_with_one_line(training_checkpoint, tmp_path, capsys):
     folder, _ = training_checkpoint
     assert convert_to_hf.main([folder, str(tmp_path / "o"), "--model_flavor", "tiny"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --model_flavor 'tiny' is not a llama3 flavor: use one of [") and err.count("\n") == 1
+    assert err.startswith("error: model.flavor='tiny' is not a flavor of 'llama3'; choose one of [") and err.count("\n") == 1
     assert convert_to_hf.main([folder, str(tmp_path / "o"), "--model_flavor", "debugmodel"]) == 2
-    assert "takes its vocab_size from the tokenizer: pass --hf_assets_path" in capsys.readouterr().err
+    assert "takes its vocab_size from the tokenizer, but none was given" in capsys.readouterr().err
     assert convert_from_hf.main([str(tmp_path / "none"), str(tmp_path / "o"), "--model_flavor", "debugmodel"]) == 2
     assert f"Hugging Face checkpoint folder {tmp_path / 'none'} does not exist" in capsys.readouterr().err
 

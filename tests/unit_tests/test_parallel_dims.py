@@ -113,7 +113,8 @@ def test_validate_model_against_heads_seq_len_and_batch() -> None:
         validate_model(dims(2, tp=2), tiny_args(), jc)
     jc = job()
     jc.training.local_batch_size, jc.training.global_batch_size = 2, 6
-    with pytest.raises(ConfigError, match=r"global_batch_size=6 must be a multiple of .* = 2 \* 2 = 4$"):
+    with pytest.raises(ConfigError, match=r"^training.global_batch_size = 6 is invalid; fix: use -1 or a positive multiple of "
+                       r"training.local_batch_size \(2\) x the data-parallel degree \(2\) = 4$"):
         validate_model(dims(2), tiny_args(), jc)
     validate_model(dims(4, tp=2), tiny_args(), job())
 

@@ -38,15 +38,16 @@ from torchtitan.components.checkpoint_storage import (
     write_dcp,
 )
 from torchtitan.config.errors import ConfigError
+from torchtitan.distributed.parallel_dims import FLAGS as PARALLELISM_FLAGS
 from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 from torchtitan.tools.logging import get_logger
+from torchtitan.tools.utils import TORCH_DTYPES
 
 logger = get_logger(__name__)
 
 __all__ = ["CheckpointManager", "ModelWrapper", "validate_seed_checkpoint"]
 
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STEP_RE = re.compile(r"step-(\d+)")
 
 
@@ -68,15 +69,7 @@ class ModelWrapper(Stateful):
 def validate_seed_checkpoint(parallel_dims: Any) -> None:
     """ConfigError unless the run is one process with every parallel degree 1 (seed checkpoints must hold
     unsharded weights so that any later layout can load them)."""
-    degrees = {
-        "parallelism.data_parallel_replicate_degree": parallel_dims.dp_replicate,
-        "parallelism.data_parallel_shard_degree": parallel_dims.dp_shard,
-        "parallelism.context_parallel_degree": parallel_dims.cp,
-        "parallelism.tensor_parallel_degree": parallel_dims.tp,
-        "parallelism.pipeline_parallel_degree": parallel_dims.pp,
-        "parallelism.expert_parallel_degree": parallel_dims.ep,
-        "parallelism.expert_tensor_parallel_degree": parallel_dims.etp,
-    }
+    degrees = {flag: getattr(parallel_dims, field) for field, flag in PARALLELISM_FLAGS.items()}
     if parallel_dims.world_size != 1:
         raise ConfigError(
             f"checkpoint.create_seed_checkpoint needs one process, got world size {parallel_dims.world_size}: "
@@ -143,9 +136,9 @@ class CheckpointManager:
         cfg = self.config
         if cfg.async_mode not in ASYNC_MODES:
             raise ConfigError(f"checkpoint.async_mode={cfg.async_mode!r} is invalid: use one of {list(ASYNC_MODES)}")
-        if cfg.export_dtype not in EXPORT_DTYPES:
+        if cfg.export_dtype not in TORCH_DTYPES:
             raise ConfigError(
-                f"checkpoint.export_dtype={cfg.export_dtype!r} is invalid: use one of {list(EXPORT_DTYPES)}"
+                f"checkpoint.export_dtype={cfg.export_dtype!r} is invalid: use one of {list(TORCH_DTYPES)}"
             )
         if cfg.keep_latest_k == 1 or cfg.keep_latest_k < 0:
             raise ConfigError(
@@ -194,7 +187,7 @@ class CheckpointManager:
             return
         tmp, final = self._begin_write(curr_step)
         if last_step and cfg.last_save_model_only:
-            dtype = EXPORT_DTYPES[cfg.export_dtype]
+            dtype = TORCH_DTYPES[cfg.export_dtype]
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
             if cfg.last_save_in_hf:
                 save_hf(sd, self.sd_adapter, tmp, self.comm, self.hf_assets_path)

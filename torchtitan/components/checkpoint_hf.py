@@ -1,7 +1,6 @@
 """Hugging Face safetensors export and import through DCP and a model's state-dict adapter, and the
 DCP <-> HF conversions behind scripts/checkpoint_conversion/."""
 
-import copy
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from torchtitan.config.errors import ConfigError
 from torchtitan.config.job_config import JobConfig
 from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.protocols.state_dict_adapter import StateDictAdapter
-from torchtitan.protocols.train_spec import TrainSpec, get_train_spec
+from torchtitan.protocols.train_spec import TrainSpec, build_meta_model, get_train_spec
 
 # Same default as transformers' `save_pretrained(max_shard_size="5GB")`.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -145,24 +144,16 @@ def conversion_model(
     """The model's TrainSpec, the flavor's args (vocab_size from the tokenizer in `hf_assets_path` when
     the flavor leaves it open, as in training) and an uninitialized fp32 state dict of that model."""
     spec = get_train_spec(model_name)
-    if flavor not in spec.model_args:
-        raise ConfigError(
-            f"--model_flavor {flavor!r} is not a {model_name} flavor: use one of {sorted(spec.model_args)}"
-        )
     if spec.state_dict_adapter is None:
         raise ConfigError(f"--model_name {model_name!r} has no state-dict adapter, so it has no Hugging Face format")
-    args = copy.deepcopy(spec.model_args[flavor])
-    if getattr(args, "vocab_size", 1) <= 0:
-        if not hf_assets_path:
-            raise ConfigError(
-                f"--model_flavor {flavor!r} takes its vocab_size from the tokenizer: pass --hf_assets_path "
-                "with the tokenizer the model was trained with"
-            )
-        job_config = JobConfig()
-        job_config.model.hf_assets_path = hf_assets_path
-        args.vocab_size = spec.build_tokenizer_fn(job_config).vocab_size
-    with torch.device("meta"):
-        model = spec.model_cls(args)
+    job_config = JobConfig()
+    job_config.model.name, job_config.model.flavor, job_config.model.hf_assets_path = model_name, flavor, hf_assets_path
+    flavor_args = spec.model_args.get(flavor)  # an unknown flavor is reported by build_meta_model
+    # Keep the flavor's own context length (update_from_config would take the training default).
+    job_config.training.seq_len = getattr(flavor_args, "max_seq_len", job_config.training.seq_len)
+    needs_tokenizer = getattr(flavor_args, "vocab_size", 1) <= 0 and hf_assets_path
+    tokenizer = spec.build_tokenizer_fn(job_config) if needs_tokenizer else None
+    args, model = build_meta_model(spec, job_config, tokenizer)
     template = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
     return spec, args, template
 

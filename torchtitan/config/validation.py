@@ -126,6 +126,21 @@ def _fail(key: str, value: Any, fix: str) -> ConfigError:
     return ConfigError(f"{key} = {value!r} is invalid; fix: use {fix}")
 
 
+def gradient_accumulation_steps(training: Any, dp_world_size: int) -> int:
+    """Microbatches per optimizer step: `global_batch_size` / (`local_batch_size` x data-parallel degree),
+    1 when `global_batch_size` is -1. ConfigError when it is not a positive multiple."""
+    local, global_ = training.local_batch_size, training.global_batch_size
+    per_microbatch = local * dp_world_size
+    if global_ == -1:
+        return 1
+    if global_ <= 0 or global_ % per_microbatch:
+        fix = f"-1 or a positive multiple of training.local_batch_size ({local})"
+        if dp_world_size > 1:
+            fix += f" x the data-parallel degree ({dp_world_size}) = {per_microbatch}"
+        raise _fail("training.global_batch_size", global_, fix)
+    return global_ // per_microbatch
+
+
 def validate(config: JobConfig) -> None:
     """Check ranges and cross-field rules; normalize what torchtitan normalizes (with a warning).
 
@@ -137,12 +152,7 @@ def validate(config: JobConfig) -> None:
             raise _fail(key, value, fix)
 
     t = config.training
-    if t.global_batch_size != -1 and (t.global_batch_size <= 0 or t.global_batch_size % t.local_batch_size):
-        raise _fail(
-            "training.global_batch_size",
-            t.global_batch_size,
-            f"-1 or a positive multiple of training.local_batch_size ({t.local_batch_size})",
-        )
+    gradient_accumulation_steps(t, dp_world_size=1)  # the data-parallel degree is checked again later
     dl = t.dataloader
     if dl.num_workers == 0 and dl.persistent_workers:
         raise _fail("training.dataloader.persistent_workers", True, "false, or set training.dataloader.num_workers > 0")

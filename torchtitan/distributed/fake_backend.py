@@ -6,7 +6,6 @@ world size in NGPU (or WORLD_SIZE); the trainer calls `dry_run` when `comm.mode 
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from typing import Any
@@ -65,18 +64,12 @@ def dry_run(job_config: Any, world_size: int | None = None) -> dict[str, Any]:
     Returns {"world_size", "params", "params_per_rank"}.
     """
     from torchtitan.protocols.model_converter import build_model_converters
-    from torchtitan.protocols.train_spec import get_train_spec
+    from torchtitan.protocols.train_spec import build_meta_model, get_train_spec
 
     world_size = world_size or fake_world_size()
     parallel_dims = ParallelDims.from_job_config(job_config, world_size)
     spec = get_train_spec(job_config.model.name)
-    if job_config.model.flavor not in spec.model_args:
-        raise ConfigError(
-            f"model.flavor={job_config.model.flavor!r} is unknown for {job_config.model.name}; "
-            f"choose one of {sorted(spec.model_args)}"
-        )
-    model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
-    model_args.update_from_config(job_config, spec.build_tokenizer_fn(job_config))
+    model_args, model = build_meta_model(spec, job_config, spec.build_tokenizer_fn(job_config))
     validate_model(parallel_dims, model_args, job_config)
 
     owns_group = not dist.is_initialized()
@@ -84,8 +77,6 @@ def dry_run(job_config: Any, world_size: int | None = None) -> dict[str, Any]:
         init_fake_process_group(world_size)
     try:
         parallel_dims.build_mesh()
-        with torch.device("meta"):
-            model = spec.model_cls(model_args)
         build_model_converters(job_config, parallel_dims).convert(model)
         model = spec.parallelize_fn(model, parallel_dims, job_config)
         total = sum(p.numel() for p in model.parameters())
@@ -105,6 +96,7 @@ def dry_run(job_config: Any, world_size: int | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: parse a job config, dry-run it; a ConfigError prints one line and returns 2."""
+    import torchtitan.builtins  # noqa: F401  (this CLI is a composition root)
     from torchtitan.config import ConfigManager
 
     init_logger()

@@ -10,6 +10,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtitan.config.errors import ConfigError
+from torchtitan.config.validation import gradient_accumulation_steps
 
 # ParallelDims field -> the config flag that sets it (used in error messages).
 FLAGS = {
@@ -250,13 +251,8 @@ def validate_model(parallel_dims: ParallelDims, model_args: Any, job_config: Any
                 f"--{key}={seq_len} must be divisible by {divisor} ({why}); "
                 f"use e.g. --{key}={math.ceil(seq_len / divisor) * divisor}"
             )
-    local, global_ = job_config.training.local_batch_size, job_config.training.global_batch_size
-    per_step = local * parallel_dims.dp_world_size
-    if global_ > 0 and global_ % per_step != 0:
-        raise ConfigError(
-            f"--training.global_batch_size={global_} must be a multiple of local_batch_size * data-parallel "
-            f"degree = {local} * {parallel_dims.dp_world_size} = {per_step}"
-        )
+    gradient_accumulation_steps(job_config.training, parallel_dims.dp_world_size)
+    local = job_config.training.local_batch_size
     if parallel_dims.pp_enabled:
         micro = job_config.parallelism.pipeline_parallel_microbatch_size
         if local % micro != 0:

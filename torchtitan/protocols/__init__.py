@@ -8,7 +8,7 @@ from torchtitan.protocols.model_converter import (
     register_model_converter,
 )
 from torchtitan.protocols.state_dict_adapter import StateDictAdapter
-from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
+from torchtitan.protocols.train_spec import TrainSpec, build_meta_model, get_train_spec, register_train_spec
 
 __all__ = [
     "BaseModelArgs",
@@ -17,6 +17,7 @@ __all__ = [
     "ModelProtocol",
     "StateDictAdapter",
     "TrainSpec",
+    "build_meta_model",
     "build_model_converters",
     "dense_nparams_and_flops",
     "get_train_spec",

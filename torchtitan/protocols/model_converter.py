@@ -1,6 +1,5 @@
 """Model converters (e.g. Float8 training) selected by name with `model.converters`."""
 
-import importlib
 from typing import Any, Protocol
 
 from torch import nn
@@ -55,6 +54,6 @@ class ModelConvertersContainer:
 
 
 def build_model_converters(job_config: Any, parallel_dims: Any = None) -> ModelConvertersContainer:
-    """The container of the converters the job asks for (built-in ones are registered on first use)."""
-    importlib.import_module("torchtitan.components.quantization")
+    """The container of the converters the job asks for (`import torchtitan.builtins` registers the
+    built-in ones)."""
     return ModelConvertersContainer(job_config, parallel_dims)

@@ -19,6 +19,10 @@ from torchtitan.tools.logging import logger as root_logger
 logger = get_logger(__name__)
 
 
+# Config dtype names -> torch dtypes; the one table for training, mixed precision and export dtypes.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def get_device_info() -> tuple[str, ModuleType]:
     """The accelerator type and its torch module: ("cuda", torch.cuda) when CUDA is usable, else ("cpu", torch.cpu)."""
     if torch.cuda.is_available():
@@ -119,10 +123,16 @@ def console_colors(disabled: bool, stream: Any = None) -> Color:
     if stream is None:
         handlers = [h for h in root_logger.handlers if isinstance(h, logging.StreamHandler)]
         stream = handlers[0].stream if handlers else sys.stderr
-    isatty = getattr(stream, "isatty", None)
-    if disabled or os.environ.get("NO_COLOR") or not (isatty and isatty()):
+    if disabled or os.environ.get("NO_COLOR") or not _is_terminal(stream):
         return NO_COLOR
     return Color()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
 
 
 class GarbageCollection:

@@ -27,10 +27,10 @@ from torchtitan.distributed.tensor_parallel import (
     maybe_enable_async_tp,
 )
 from torchtitan.tools.logging import get_logger
+from torchtitan.tools.utils import TORCH_DTYPES
 
 logger = get_logger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def llama_tp_plan(sequence_parallel: bool = True, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
@@ -136,8 +136,8 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
         apply_fsdp(
             model,
             parallel_dims.get_mesh(("dp_replicate", "dp_shard_cp")),
-            param_dtype=_DTYPES[training.mixed_precision_param],
-            reduce_dtype=_DTYPES[training.mixed_precision_reduce],
+            param_dtype=TORCH_DTYPES[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPES[training.mixed_precision_reduce],
             pp_enabled=parallel_dims.pp_enabled,
             cpu_offload=training.enable_cpu_offload,
             reshard_after_forward_policy=job_config.parallelism.fsdp_reshard_after_forward,

@@ -93,7 +93,7 @@ _UNBUILT_CONVERTERS = ("quantize.linear.float8", "quantize.linear.mx", "quantize
 # Switches of features that are not built yet: key -> (is it switched on?, how to switch it off).
 # Only the switch is refused; the fields that merely parametrize a feature stay accepted while it is
 # off, because torchtitan's own TOML files set them. A feature's issue removes its row when it lands.
-NOT_BUILT: dict[str, tuple[Callable[[Any], bool], str]] = {
+NOT_BUILT: dict[str, Rule] = {
     "parallelism.pipeline_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.context_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.expert_parallel_degree": (lambda v: v > 1, "set it to 1"),

@@ -109,6 +109,11 @@ class Training:
     mixed_precision_reduce: Literal["float32"] = opt("float32", "FSDP gradient reduce-scatter dtype")
     gc_freq: int = opt(50, "Run Python garbage collection every N steps")
     gc_debug: bool = opt(False, "Collect garbage every step to find leaks (slow)")
+    shuffle_seed: int | None = opt(
+        None,
+        "Shuffle the windows of each pass over pretokenized token files with this seed (layout-independent); "
+        "None keeps the data order (our addition; not in torchtitan)",
+    )
     dataloader: DataLoader = section(DataLoader, "Data loader worker options")
 
 

@@ -28,6 +28,7 @@ from torchtitan.components.datasets.packing import StreamPosition
 from torchtitan.components.datasets.pretokenize import pretokenize
 from torchtitan.components.datasets.registry import DATASETS, DatasetSpec
 from torchtitan.components.datasets.sources import load_documents
+from torchtitan.components.datasets import token_files
 from torchtitan.components.datasets.token_files import INDEX_NAME, TokenFiles
 from torchtitan.components.datasets.window_order import shuffled_index
 from torchtitan.components.tokenizer import build_tokenizer
@@ -103,13 +104,16 @@ def test_token_files_hold_the_streaming_token_stream(shakespeare_tokens, tokeniz
     assert files == sorted([INDEX_NAME, *(s["file"] for s in index["shards"])])
 
 
-def test_windows_equal_streaming_across_shards_and_passes(tiny, tokenizer):
+def test_windows_equal_streaming_across_shards_and_passes(tiny, tokenizer, monkeypatch):
     path, folder = tiny
     assert len(json.loads((folder / INDEX_NAME).read_text())["shards"]) == len(DOCS)
+    monkeypatch.setattr(token_files, "MAX_OPEN_SHARDS", 2)  # shards are mapped and unmapped as reads move on
     n_tokens = len(flat_tokens(folder))
     steps = 3 * n_tokens // (2 * 6) + 1  # three passes over the data, windows running across pass boundaries
     streaming = build_text_dataloader(1, 0, tokenizer, job(path))
-    assert_same(batches(build_text_dataloader(1, 0, tokenizer, job(folder)), steps), batches(streaming, steps))
+    tokens = build_text_dataloader(1, 0, tokenizer, job(folder))
+    assert_same(batches(tokens, steps), batches(streaming, steps))
+    assert len(tokens.dataset.tokens._maps) == 2
     for source in (path, folder):
         finite = iter(build_text_dataloader(1, 0, tokenizer, job(source), infinite=False))
         assert len([next(finite) for _ in range(n_tokens // 6 // 2)]) == n_tokens // 6 // 2
@@ -230,6 +234,12 @@ def test_shuffle_seed_on_the_streaming_path_is_refused(tokenizer):
     assert "training.shuffle_seed" in message
 
 
+def test_shuffling_less_than_one_window_is_refused(tiny, tokenizer):
+    message = one_line_error(lambda: build_text_dataloader(1, 0, tokenizer, job(tiny[1], 1000, shuffle_seed=1)))
+    assert message.startswith("training.shuffle_seed: dataset 'c4_test' holds ")
+    assert "less than one window of seq_len + 1 = 1001, so there is nothing to shuffle" in message
+
+
 def _word_level_tokenizer(folder: Path, size: int) -> Path:
     folder.mkdir()
     tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
@@ -253,12 +263,15 @@ def test_another_tokenizer_is_refused(shakespeare_tokens, tmp_path, size, expect
     assert expected.format(tok=tok) in message
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
-def test_damaged_shard_is_refused(shakespeare_tokens, tmp_path, tokenizer, damage):
+@pytest.mark.parametrize("damage", ["truncated", "missing", "foreign index"])
+def test_damaged_token_folder_is_refused(shakespeare_tokens, tmp_path, tokenizer, damage):
     folder = tmp_path / "tokens"
     shutil.copytree(shakespeare_tokens, folder)
     shard = folder / "shard-00001.bin"
-    if damage == "missing":
+    if damage == "foreign index":
+        (folder / INDEX_NAME).write_text('{"format": "megatron"}')
+        expected = f"{folder / INDEX_NAME} is not a version-1 torchtitan-token-files index; delete {folder} and run"
+    elif damage == "missing":
         shard.unlink()
         expected = f"shard {shard} listed in {INDEX_NAME} is missing; delete {folder} and run scripts/data/"
     else:

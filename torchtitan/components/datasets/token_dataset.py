@@ -41,10 +41,10 @@ class TokenFileDataset(WindowDataset):
         self.tokens = tokens
         self.shuffle_seed = shuffle_seed
         self.windows_per_pass = tokens.num_tokens // (seq_len + 1)
-        if self.windows_per_pass == 0 and (shuffle_seed is not None or not infinite):
+        if self.windows_per_pass == 0 and shuffle_seed is not None:
             raise ConfigError(
-                f"dataset {name!r} holds {tokens.num_tokens} tokens, less than one window of seq_len + 1 = "
-                f"{seq_len + 1}; use a smaller seq_len or more data"
+                f"training.shuffle_seed: dataset {name!r} holds {tokens.num_tokens} tokens, less than one window "
+                f"of seq_len + 1 = {seq_len + 1}, so there is nothing to shuffle; unset it or use a smaller seq_len"
             )
 
     def window_start(self, window: int) -> int:

@@ -9,6 +9,7 @@ the document and token counts, and each shard's token count, document count and 
 
 import json
 from bisect import bisect_right
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ FORMAT = "torchtitan-token-files"
 VERSION = 1
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 REBUILD = "scripts/data/pretokenize.py"
+MAX_OPEN_SHARDS = 64
 
 
 def dtype_for(vocab_size: int) -> str:
@@ -48,7 +50,8 @@ def token_folder(where: DatasetLocation) -> Path | None:
 class TokenFiles:
     """The memory-mapped token stream of a token folder; `read_into` reads it at any offset.
 
-    The maps are opened lazily in each process that reads (they are not pickled into loader workers).
+    Shards are mapped on first use in each process that reads (maps are not pickled into loader workers).
+    Each map holds a file descriptor, so only the MAX_OPEN_SHARDS most recently used stay open.
     """
 
     def __init__(self, folder: Path, index: dict[str, Any]):
@@ -58,22 +61,29 @@ class TokenFiles:
         self.sizes = [shard["tokens"] for shard in index["shards"]]
         self.num_tokens = sum(self.sizes)
         self._starts = np.cumsum([0, *self.sizes]).tolist()
-        self._maps: list[np.ndarray] | None = None
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": OrderedDict()}
+
+    def _map(self, shard: int) -> np.ndarray:
+        if shard in self._maps:
+            self._maps.move_to_end(shard)
+        else:
+            self._maps[shard] = np.memmap(self.files[shard], dtype=self.dtype, mode="r")
+            if len(self._maps) > MAX_OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        return self._maps[shard]
 
     def read_into(self, out: np.ndarray, start: int) -> None:
         """Fill the 1-D `out` with the stream's tokens from offset `start` on; the stream repeats forever."""
-        if self._maps is None:
-            self._maps = [np.memmap(path, dtype=self.dtype, mode="r") for path in self.files]
         position = start % self.num_tokens
         filled = 0
         while filled < len(out):
-            shard = bisect_right(self._starts, position) - 1
+            shard = bisect_right(self._starts, position) - 1  # empty shards are never picked
             offset = position - self._starts[shard]
             take = min(len(out) - filled, self.sizes[shard] - offset)
-            out[filled : filled + take] = self._maps[shard][offset : offset + take]
+            out[filled : filled + take] = self._map(shard)[offset : offset + take]
             filled += take
             position = (position + take) % self.num_tokens
 

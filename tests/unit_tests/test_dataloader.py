@@ -1,4 +1,7 @@
-"""ParallelAwareDataloader: layout-independent data order, exact resume (0 and 2 workers), exhaustion."""
+"""ParallelAwareDataloader: layout-independent data order, exact resume (0 and 2 workers), exhaustion.
+
+The order and resume tests run on the streaming path and on token files pretokenized from the same corpus,
+always against the streaming path's batches: both must give the same windows bitwise."""
 
 import os
 
@@ -32,6 +35,12 @@ def tokenizer():
     return build_tokenizer(JobConfig())
 
 
+@pytest.fixture(params=["documents", "tokens"])
+def dataset_path(request) -> str | None:
+    """Where the training data is read from: None streams the shipped corpus, else its token folder."""
+    return str(request.getfixturevalue("shakespeare_tokens")) if request.param == "tokens" else None
+
+
 def job_config(local_batch_size: int, num_workers: int = 0, seq_len: int = SEQ_LEN, **training) -> JobConfig:
     config = JobConfig()
     config.training.dataset = "shakespeare"
@@ -43,8 +52,8 @@ def job_config(local_batch_size: int, num_workers: int = 0, seq_len: int = SEQ_L
     return config
 
 
-def loaders(tokenizer, dp: int, num_workers: int = 0) -> list[ParallelAwareDataloader]:
-    config = job_config(GLOBAL_BATCH // dp, num_workers)
+def loaders(tokenizer, dp: int, num_workers: int = 0, **training) -> list[ParallelAwareDataloader]:
+    config = job_config(GLOBAL_BATCH // dp, num_workers, **training)
     return [build_text_dataloader(dp, rank, tokenizer, config) for rank in range(dp)]
 
 
@@ -83,21 +92,22 @@ def test_batches_are_shifted_windows(tokenizer, reference):
 
 
 @pytest.mark.parametrize("dp", [1, 2, 4])
-def test_union_of_ranks_equals_one_rank(tokenizer, reference, dp):
-    assert_same(global_batches(loaders(tokenizer, dp), STEPS), reference[:STEPS])
+def test_union_of_ranks_equals_one_rank(tokenizer, reference, dp, dataset_path):
+    assert_same(global_batches(loaders(tokenizer, dp, dataset_path=dataset_path), STEPS), reference[:STEPS])
 
 
-def test_gradient_accumulation_sees_the_same_steps(tokenizer, reference):
-    one_per_microbatch = [build_text_dataloader(1, 0, tokenizer, job_config(1))]
+def test_gradient_accumulation_sees_the_same_steps(tokenizer, reference, dataset_path):
+    config = job_config(1, dataset_path=dataset_path)
+    one_per_microbatch = [build_text_dataloader(1, 0, tokenizer, config)]
     assert_same(global_batches(one_per_microbatch, STEPS, microbatches=GLOBAL_BATCH), reference[:STEPS])
-    two_ranks = [build_text_dataloader(2, r, tokenizer, job_config(1)) for r in range(2)]
+    two_ranks = [build_text_dataloader(2, r, tokenizer, config) for r in range(2)]
     # microbatch m of rank r holds window 2m + r of the step: (m0 r0, m0 r1, m1 r0, m1 r1) is the step in order
     assert_same(global_batches(two_ranks, STEPS, microbatches=2), reference[:STEPS])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_exact_resume_mid_stream(tokenizer, reference, num_workers):
-    config = job_config(GLOBAL_BATCH, num_workers)
+def test_exact_resume_mid_stream(tokenizer, reference, num_workers, dataset_path):
+    config = job_config(GLOBAL_BATCH, num_workers, dataset_path=dataset_path)
     first = build_text_dataloader(1, 0, tokenizer, config)
     assert first.state_dict()["global_window"] == 0
     it = iter(first)
@@ -109,20 +119,22 @@ def test_exact_resume_mid_stream(tokenizer, reference, num_workers):
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
     assert_same(global_batches([resumed], STEPS), reference[STEPS:])
-    other_workers = build_text_dataloader(1, 0, tokenizer, job_config(GLOBAL_BATCH, 2 - num_workers))
+    other_workers = build_text_dataloader(
+        1, 0, tokenizer, job_config(GLOBAL_BATCH, 2 - num_workers, dataset_path=dataset_path)
+    )
     other_workers.load_state_dict(state)
     assert_same(global_batches([other_workers], STEPS), reference[STEPS:])
     # a new iter() on the same loader continues from where the previous one stopped
     assert_same(global_batches([first], 1), global_batches([resumed], 1))
 
 
-def test_dp2_state_resumes_under_dp4_and_dp1(tokenizer, reference):
-    dp2 = loaders(tokenizer, 2)
+def test_dp2_state_resumes_under_dp4_and_dp1(tokenizer, reference, dataset_path):
+    dp2 = loaders(tokenizer, 2, dataset_path=dataset_path)
     assert_same(global_batches(dp2, 2), reference[:2])
     states = [loader.state_dict() for loader in dp2]
     assert states[0] == states[1] and states[0]["global_window"] == 2 * GLOBAL_BATCH
     for dp in (4, 1):
-        resumed = loaders(tokenizer, dp)
+        resumed = loaders(tokenizer, dp, dataset_path=dataset_path)
         for loader in resumed:
             loader.load_state_dict(states[0])
         assert_same(global_batches(resumed, 2), reference[2:4])

@@ -188,3 +188,14 @@ def test_malformed_files_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(ConfigError, match=r"model.hf_assets_path: .*tokenizer.json is not a valid tokenizer.json"):
         build_tokenizer(job_config(tmp_path))
+
+
+def test_fingerprint_follows_content_not_location(tmp_path, shipped):
+    shutil.copy(SHIPPED / "tokenizer.model", tmp_path / "tokenizer.model")
+    assert build_tokenizer(job_config(tmp_path)).fingerprint == shipped.fingerprint
+    assert shipped.fingerprint.startswith("tiktoken-sha256:")
+    hf = tmp_path / "hf"
+    _tiny_hf_tokenizer(hf, {"bos_token": "<s>", "eos_token": "</s>"})
+    before = build_tokenizer(job_config(hf)).fingerprint
+    (hf / "tokenizer_config.json").write_text(json.dumps({"bos_token": "</s>", "eos_token": "<s>"}))
+    assert build_tokenizer(job_config(hf)).fingerprint != before  # BOS/EOS are part of the tokenizer

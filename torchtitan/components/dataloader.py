@@ -2,7 +2,9 @@
 
 Batch c of data-parallel rank r is its slice of global chunk c of the window stream (see
 `torchtitan.components.datasets.packing`), so a trainer drawing `grad_accum` batches per step sees windows
-[k*G, (k+1)*G) at step k whatever the layout. The checkpointed state is the global stream position.
+[k*G, (k+1)*G) at step k whatever the layout. The checkpointed state is the global stream position. The
+windows come from documents tokenized while streaming, or from pretokenized token files when the dataset
+points at a token folder (`torchtitan.components.datasets.token_dataset`).
 """
 
 import json
@@ -10,18 +12,18 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from torchtitan.components.datasets.packing import StreamPosition, TextWindowDataset
+from torchtitan.components.datasets.packing import Batch, StreamPosition, TextWindowDataset, WindowDataset
+from torchtitan.components.datasets.registry import locate_dataset
 from torchtitan.components.datasets.sources import load_documents
+from torchtitan.components.datasets.token_dataset import TokenFileDataset
+from torchtitan.components.datasets.token_files import open_token_files, token_folder
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import ConfigError
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
-
-Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 class DataExhaustedError(Exception):
@@ -69,7 +71,7 @@ def _worker_message(e: ConfigError) -> str | None:
 
 
 class ParallelAwareDataloader(StatefulDataLoader):
-    """A torchdata StatefulDataLoader over one rank's `TextWindowDataset`, yielding (input_dict, labels).
+    """A torchdata StatefulDataLoader over one rank's `WindowDataset`, yielding (input_dict, labels).
 
     `state_dict()` is `{"global_window": int, "stream": str}` (the stream position as JSON): the same on every
     data-parallel rank and for any number of workers, so a state saved at one data-parallel degree loads
@@ -77,11 +79,11 @@ class ParallelAwareDataloader(StatefulDataLoader):
     used); to replay a finite dataset, load the state taken before the first pass.
     """
 
-    dataset: TextWindowDataset
+    dataset: WindowDataset
 
     def __init__(
         self,
-        dataset: TextWindowDataset,
+        dataset: WindowDataset,
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
@@ -116,16 +118,28 @@ class ParallelAwareDataloader(StatefulDataLoader):
     def state_dict(self) -> dict[str, Any]:
         position = self.position()
         stream = {"dataset": self.dataset.name, "seq_len": self.dataset.seq_len, "position": position.to_dict()}
+        if self.dataset.format != "documents":
+            stream.update(format=self.dataset.format, shuffle_seed=self.dataset.shuffle_seed)
         return {"global_window": position.window, "stream": json.dumps(stream, sort_keys=True)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume at the saved global position (any data-parallel degree or worker count)."""
+        """Resume at the saved global position (any data-parallel degree or worker count).
+
+        Token files also resume a state saved by the streaming path (their windows are the same), not the
+        other way round: the streaming path cannot seek to a window index."""
         stream = json.loads(state_dict["stream"])
-        if (stream["dataset"], stream["seq_len"]) != (self.dataset.name, self.dataset.seq_len):
+        saved = (stream["dataset"], stream["seq_len"], stream.get("shuffle_seed"))
+        ours = (self.dataset.name, self.dataset.seq_len, self.dataset.shuffle_seed)
+        if saved != ours:
             raise ConfigError(
-                f"the checkpoint's dataloader state is for dataset {stream['dataset']!r} with seq_len "
-                f"{stream['seq_len']}, but this job uses {self.dataset.name!r} with seq_len {self.dataset.seq_len}; "
-                "restore those settings or add 'dataloader' to checkpoint.exclude_from_loading"
+                f"the checkpoint's dataloader state is for dataset {_describe(*saved)}, but this job uses "
+                f"{_describe(*ours)}; restore those settings or add 'dataloader' to checkpoint.exclude_from_loading"
+            )
+        if stream.get("format", "documents") != "documents" and self.dataset.format == "documents":
+            raise ConfigError(
+                f"the checkpoint's dataloader state is a window index into token files, which the streaming path "
+                f"cannot resume; keep {self.dataset.name!r} as token files (dataset_path pointing at the token "
+                "folder) or add 'dataloader' to checkpoint.exclude_from_loading"
             )
         position = StreamPosition.from_dict(stream["position"])
         chunk = self.dataset.local_batch_size * self.dp_world_size
@@ -138,6 +152,11 @@ class ParallelAwareDataloader(StatefulDataLoader):
         super().load_state_dict({})  # drop any running iterator; the next iter() starts at `position`
 
 
+def _describe(dataset: str, seq_len: int, shuffle_seed: int | None) -> str:
+    seed = f" and shuffle_seed {shuffle_seed}" if shuffle_seed is not None else ""
+    return f"{dataset!r} with seq_len {seq_len}{seed}"
+
+
 def _build(
     section: str,
     dp_world_size: int,
@@ -148,9 +167,10 @@ def _build(
 ) -> ParallelAwareDataloader:
     cfg = getattr(job_config, section)
     loader_cfg = job_config.training.dataloader
-    dataset = TextWindowDataset(
-        load_documents(cfg.dataset, cfg.dataset_path, section),
-        tokenizer,
+    shuffle_seed = job_config.training.shuffle_seed if section == "training" else None
+    where = locate_dataset(cfg.dataset, cfg.dataset_path, section)
+    folder = token_folder(where)
+    layout = dict(
         name=cfg.dataset,
         seq_len=cfg.seq_len,
         local_batch_size=cfg.local_batch_size,
@@ -158,6 +178,17 @@ def _build(
         dp_rank=dp_rank,
         infinite=infinite,
     )
+    if folder is not None:
+        tokens = open_token_files(folder, where.origin, tokenizer, job_config.model.hf_assets_path)
+        dataset: WindowDataset = TokenFileDataset(tokens, shuffle_seed=shuffle_seed, **layout)
+    elif shuffle_seed is not None:
+        raise ConfigError(
+            f"training.shuffle_seed={shuffle_seed} needs pretokenized token files, but {where.origin} is read as "
+            f"documents, which are not shuffled; unset training.shuffle_seed, or pretokenize the data "
+            "(scripts/data/pretokenize.py) and point training.dataset_path at the output folder"
+        )
+    else:
+        dataset = TextWindowDataset(load_documents(cfg.dataset, cfg.dataset_path, section), tokenizer, **layout)
     if loader_cfg.persistent_workers:
         logger.warning("training.dataloader.persistent_workers is ignored: each iter() continues the stream")
     return ParallelAwareDataloader(

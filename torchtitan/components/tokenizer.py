@@ -48,12 +48,17 @@ def llama3_special_tokens() -> list[str]:
 
 
 class BaseTokenizer(ABC):
-    """Text <-> token ids. `bos_id`/`eos_id`/`pad_id` are None when the vocabulary has no such token."""
+    """Text <-> token ids. `bos_id`/`eos_id`/`pad_id` are None when the vocabulary has no such token.
+
+    `fingerprint` identifies the tokenizer by the content of the files defining it (not their location):
+    token files written with one tokenizer are refused under another.
+    """
 
     vocab_size: int
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
+    fingerprint: str
 
     @abstractmethod
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
@@ -95,6 +100,7 @@ class TikTokenizer(BaseTokenizer):
         # tiktoken caches files by path; passing the content hash makes a rebuilt file at the same path win.
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
+        self.fingerprint = f"tiktoken-sha256:{digest}"
         try:
             ranks = load_tiktoken_bpe(path, expected_hash=digest)
         except ValueError as e:
@@ -140,7 +146,11 @@ class HuggingFaceTokenizer(BaseTokenizer):
         except Exception as e:  # the Rust loader raises a bare Exception on malformed JSON
             raise ConfigError(f"model.hf_assets_path: {path} is not a valid tokenizer.json: {e}") from None
         config_file = path.parent / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        config_bytes = config_file.read_bytes() if config_file.exists() else b""
+        config = json.loads(config_bytes) if config_file.exists() else {}
+        # BOS/EOS come from tokenizer_config.json, so it is part of the tokenizer's identity.
+        digest = hashlib.sha256(path.read_bytes() + b"\0" + config_bytes).hexdigest()
+        self.fingerprint = f"hf-sha256:{digest}"
         self.vocab_size = self._model.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._token_id(config, "bos_token", config_file)
         self.eos_id = self._token_id(config, "eos_token", config_file)
@@ -168,7 +178,12 @@ class HuggingFaceTokenizer(BaseTokenizer):
 
 def build_tokenizer(job_config: Any) -> BaseTokenizer:
     """The tokenizer in `model.hf_assets_path` (a folder, or a tokenizer.json / tokenizer.model file)."""
-    raw = job_config.model.hf_assets_path
+    return load_tokenizer(job_config.model.hf_assets_path)
+
+
+def load_tokenizer(raw: str | None) -> BaseTokenizer:
+    """The tokenizer at `raw` (a folder, or a tokenizer.json / tokenizer.model file), which errors call
+    `model.hf_assets_path`."""
     path = resolve_path(raw) if raw else None
     if path is None:
         raise ConfigError(

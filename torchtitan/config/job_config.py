@@ -97,7 +97,10 @@ class DataLoader:
 @dataclass
 class Training:
     dataset: str = opt("c4_test", "Registered training dataset name")
-    dataset_path: str | None = opt(None, "Local path or HF id overriding the dataset's default location")
+    dataset_path: str | None = opt(
+        None, "Local path (data files, or a token folder from scripts/data/pretokenize.py) or HF id overriding the "
+        "dataset's default location"
+    )
     local_batch_size: int = opt(8, "Sequences per microbatch on each data-parallel rank")
     global_batch_size: int = opt(-1, "Sequences per step over all ranks (-1: local x dp); more means grad accumulation")
     seq_len: int = opt(2048, "Tokens per sequence")
@@ -109,6 +112,11 @@ class Training:
     mixed_precision_reduce: Literal["float32"] = opt("float32", "FSDP gradient reduce-scatter dtype")
     gc_freq: int = opt(50, "Run Python garbage collection every N steps")
     gc_debug: bool = opt(False, "Collect garbage every step to find leaks (slow)")
+    shuffle_seed: int | None = opt(
+        None,
+        "Shuffle the windows of each pass over pretokenized token files with this seed (layout-independent); "
+        "None keeps the data order (our addition; not in torchtitan)",
+    )
     dataloader: DataLoader = section(DataLoader, "Data loader worker options")
 
 
@@ -251,7 +259,10 @@ class Experimental:
 class Validation:
     enable: bool = opt(False, "Run validation")
     dataset: str = opt("c4_validation", "Registered validation dataset name")
-    dataset_path: str | None = opt(None, "Local path or HF id overriding the dataset's default location")
+    dataset_path: str | None = opt(
+        None, "Local path (data files, or a token folder from scripts/data/pretokenize.py) or HF id overriding the "
+        "dataset's default location"
+    )
     local_batch_size: int = opt(8, "Validation sequences per batch on each data-parallel rank")
     seq_len: int = opt(2048, "Validation tokens per sequence")
     freq: int = opt(10, "Validate every N training steps")

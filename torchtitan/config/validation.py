@@ -43,6 +43,7 @@ _RULES: dict[str, Rule] = {
     "training.steps": _at_least(1),
     "training.max_norm": _positive(),
     "training.gc_freq": _at_least(1),
+    "training.shuffle_seed": _optional(_at_least(0)),
     "training.dataloader.num_workers": _at_least(0),
     "training.dataloader.prefetch_factor": _optional(_at_least(1)),
     "lr_scheduler.warmup_steps": _at_least(0),

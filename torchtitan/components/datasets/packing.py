@@ -7,7 +7,8 @@ data-parallel rank r (of D, `local_batch_size` L) is windows [c*L*D + r*L, c*L*D
 
 Each rank (and each loader worker) walks the whole stream and keeps only its own windows, so every rank
 tokenizes all documents: negligible for local corpora and moderate degrees, but at a data-parallel degree
-of hundreds on a large corpus the tokenizer runs D times over the data (use more loader workers there).
+of hundreds on a large corpus the tokenizer runs D times over the data. Token files pretokenized from the
+same documents (`token_dataset`) give the same windows, each rank reading only its own.
 """
 
 from collections import deque
@@ -104,13 +105,57 @@ class TokenWindows:
             yield window
 
 
-class TextWindowDataset(IterableDataset):
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+def loader_worker() -> tuple[int, int]:
+    """(this loader worker's id, number of workers); (0, 1) outside DataLoader workers."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class WindowDataset(IterableDataset):
     """One data-parallel rank's batches of the global window stream, resumable (torchdata `Stateful`).
 
     Yields ({"input": LongTensor[L, seq_len]}, labels LongTensor[L, seq_len]). With W loader workers, worker
     w produces global batch chunks w, w + W, ... (the loader interleaves them back in order). `state_dict()`
-    is the stream position after the last batch this copy yielded, the same on every rank.
+    is the stream position after the last batch this copy yielded, the same on every rank. Subclasses say
+    where windows come from: `format` is "documents" (tokenized while streaming) or "tokens" (token files).
     """
+
+    format = "documents"
+    shuffle_seed: int | None = None
+
+    def __init__(
+        self, name: str, seq_len: int, local_batch_size: int, dp_world_size: int, dp_rank: int, infinite: bool
+    ):
+        if seq_len < 1 or local_batch_size < 1:
+            raise ConfigError(f"seq_len={seq_len} and local_batch_size={local_batch_size} must be positive")
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_world_size={dp_world_size})")
+        self.name = name
+        self.seq_len = seq_len
+        self.local_batch_size = local_batch_size
+        self.dp_world_size = dp_world_size
+        self.dp_rank = dp_rank
+        self.infinite = infinite
+        self._start = self._position = StreamPosition()
+
+    @staticmethod
+    def batch(windows: torch.Tensor) -> Batch:
+        """The (inputs, labels) of a LongTensor[L, seq_len + 1] of windows."""
+        return {"input": windows[:, :-1].contiguous()}, windows[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._position.to_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Start the next iteration at this position."""
+        self._start = self._position = StreamPosition.from_dict(state_dict)
+
+
+class TextWindowDataset(WindowDataset):
+    """The window stream of documents tokenized on the fly (every rank walks the whole stream)."""
 
     def __init__(
         self,
@@ -123,23 +168,12 @@ class TextWindowDataset(IterableDataset):
         dp_rank: int = 0,
         infinite: bool = True,
     ):
-        if seq_len < 1 or local_batch_size < 1:
-            raise ConfigError(f"seq_len={seq_len} and local_batch_size={local_batch_size} must be positive")
-        if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_world_size={dp_world_size})")
+        super().__init__(name, seq_len, local_batch_size, dp_world_size, dp_rank, infinite)
         self.source = source
         self.tokenizer = tokenizer
-        self.name = name
-        self.seq_len = seq_len
-        self.local_batch_size = local_batch_size
-        self.dp_world_size = dp_world_size
-        self.dp_rank = dp_rank
-        self.infinite = infinite
-        self._start = self._position = StreamPosition()
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    def __iter__(self) -> Iterator[Batch]:
+        worker, num_workers = loader_worker()
         stream = TokenWindows(self.source, self.tokenizer, self.seq_len + 1, self.infinite, self._start)
         windows = iter(stream)
         per_rank = self.local_batch_size
@@ -157,13 +191,4 @@ class TextWindowDataset(IterableDataset):
             chunk += 1
             if keep:
                 self._position = stream.position
-                batch = torch.tensor(rows, dtype=torch.long)
-                yield {"input": batch[:, :-1].contiguous()}, batch[:, 1:].contiguous()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._position.to_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Start the next iteration at this position."""
-        self._start = self._position = StreamPosition.from_dict(state_dict)
-
+                yield self.batch(torch.tensor(rows, dtype=torch.long))

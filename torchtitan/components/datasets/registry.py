@@ -1,7 +1,9 @@
 """Registered text datasets: where each lives and how it is read."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from torchtitan.components.datasets.paths import resolve_path
 from torchtitan.config import ConfigError
 
 
@@ -48,3 +50,25 @@ def get_dataset_spec(name: str, dataset_path: str | None, section: str) -> Datas
             f"{section}.dataset='shakespeare'"
         )
     return spec
+
+
+@dataclass(frozen=True)
+class DatasetLocation:
+    """Where a configured dataset is read from.
+
+    `location` is `dataset_path` or else the registered path; `origin` is the config key and value that
+    errors name; `local` is the existing local file or folder it resolves to (None: a hub id, or missing).
+    """
+
+    spec: DatasetSpec
+    location: str
+    origin: str
+    local: Path | None
+
+
+def locate_dataset(name: str, dataset_path: str | None, section: str) -> DatasetLocation:
+    """The location of `{section}.dataset` / `{section}.dataset_path` (`section`: "training"/"validation")."""
+    spec = get_dataset_spec(name, dataset_path, section)
+    location = dataset_path or spec.path
+    origin = f"{section}.dataset_path={dataset_path!r}" if dataset_path else f"{section}.dataset={name!r}"
+    return DatasetLocation(spec, location, origin, resolve_path(location))

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan.components.datasets.diagnose import READ_ERRORS, find_bad_file, one_line
-from torchtitan.components.datasets.paths import resolve_path
-from torchtitan.components.datasets.registry import get_dataset_spec
+from torchtitan.components.datasets.registry import locate_dataset
 from torchtitan.config import ConfigError
 
 # File suffix (after dropping a compression suffix) -> `datasets` builder.
@@ -117,10 +116,8 @@ def load_documents(name: str, dataset_path: str | None, section: str) -> HFDocum
     """
     from datasets import load_dataset
 
-    spec = get_dataset_spec(name, dataset_path, section)
-    location = dataset_path or spec.path
-    origin = f"{section}.dataset_path={dataset_path!r}" if dataset_path else f"{section}.dataset={name!r}"
-    local = resolve_path(location)
+    where = locate_dataset(name, dataset_path, section)
+    spec, location, origin, local = where.spec, where.location, where.origin, where.local
     if local is not None:
         builder, files = _local_files(local, spec.data_files, origin)
         kwargs = {"sample_by": "document"} if builder == "text" else {}

@@ -17,12 +17,14 @@ from torchao.float8.float8_tensor_parallel import (
 )
 from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
 
+from tests.integration_tests.runner import DEBUG_CONFIG
 from tests.unit_tests.test_parallel_dims import dims
 from torchtitan.components.quantization import float8, mx
-from torchtitan.config import ConfigError, JobConfig
+from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.distributed.tensor_parallel import PLAIN_TP_STYLES
 from torchtitan.models.llama3.infra.parallelize import llama_tp_plan
 from torchtitan.protocols.model_converter import build_model_converters
+from torchtitan.protocols.train_spec import build_meta_model, get_train_spec
 
 FLOAT8 = "quantize.linear.float8"
 
@@ -193,3 +195,14 @@ def test_tp_styles(captured_logs, converters, recipe, device, float8_styles):
     assert isinstance(plan["layers.*.feed_forward.w2"], Float8RowwiseParallel)
     assert isinstance(plan["layers.*.attention"], PrepareFloat8ModuleInput)
     assert type(plan["output"]) is ColwiseParallel  # the output layer stays in high precision
+
+
+def test_debug_model_toml_converts_every_block_linear_but_not_output():
+    """The shipped debug TOML's [quantize.linear.float8] section (filter_fqns = ["output"]) on the real model."""
+    jc = ConfigManager().parse_args(["--job.config_file", str(DEBUG_CONFIG), "--model.converters", FLOAT8])
+    spec = get_train_spec("llama3")
+    _, m = build_meta_model(spec, jc, spec.build_tokenizer_fn(jc))
+    build_model_converters(jc, dims(1)).convert(m)
+    linears = {name: type(mod) for name, mod in m.named_modules() if isinstance(mod, nn.Linear)}
+    assert linears.pop("output") is nn.Linear
+    assert len(linears) == 6 * 7 and set(linears.values()) == {Float8Linear}

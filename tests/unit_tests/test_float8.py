@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel
 from torchao.float8.config import ScalingGranularity, ScalingType
@@ -19,6 +20,7 @@ from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
 
 from tests.integration_tests.runner import DEBUG_CONFIG
 from tests.unit_tests.test_parallel_dims import dims
+from torchtitan.components.checkpoint_storage import Comm, prepare_write, write_dcp
 from torchtitan.components.quantization import float8, mx
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.distributed.tensor_parallel import PLAIN_TP_STYLES
@@ -206,3 +208,22 @@ def test_debug_model_toml_converts_every_block_linear_but_not_output():
     linears = {name: type(mod) for name, mod in m.named_modules() if isinstance(mod, nn.Linear)}
     assert linears.pop("output") is nn.Linear
     assert len(linears) == 6 * 7 and set(linears.values()) == {Float8Linear}
+
+
+def test_checkpoint_stores_float8_all_gather_weights_as_plain_tensors(tmp_path):
+    """A DCP checkpoint of FSDP float8 all-gather weights (torchao's wrapper subclass) loads where the
+    subclass is not allowlisted for `weights_only` unpickling: in a run without torchao (e.g. fp32)."""
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+
+    values = torch.randn(32, 16)
+    wrapped = WeightWithDynamicFloat8CastTensor(values.clone(), LinearMMConfig(), torch.float8_e4m3fn)
+    final = str(tmp_path / "step-1")
+    write_dcp({"w": wrapped}, prepare_write(final, Comm(None)), final, Comm(None))
+    allowlisted = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()  # as in a process that never imported torchao
+    try:
+        loaded = {"w": torch.empty(32, 16)}
+        dcp.load(loaded, checkpoint_id=final, no_dist=True)
+    finally:
+        torch.serialization.add_safe_globals(allowlisted)
+    assert type(loaded["w"]) is torch.Tensor and torch.equal(loaded["w"], values)

@@ -22,7 +22,6 @@ from tests.integration_tests.test_parity_matrix import (  # noqa: F401  (seed, f
     SINGLE,
     from_seed,
     layout,
-    params,
     seed,
     train,
 )

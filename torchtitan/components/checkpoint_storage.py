@@ -341,13 +341,8 @@ def load_dcp(
 
 def write_dcp(state: dict[str, Any], tmp: str, final: str, comm: Comm) -> None:
     """Save `state` into the temporary folder `tmp` (see `prepare_write`) and commit it as `final`."""
-    dcp.save(
-        state,
-        storage_writer=FileSystemWriter(tmp),
-        planner=PlainTensorSavePlanner(),
-        process_group=comm.group,
-        no_dist=comm.no_dist,
-    )
+    dcp.save(state, storage_writer=FileSystemWriter(tmp), planner=PlainTensorSavePlanner(), process_group=comm.group,
+             no_dist=comm.no_dist)
     commit(tmp, final, comm)
 
 

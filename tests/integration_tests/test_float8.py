@@ -27,6 +27,7 @@ from tests.integration_tests.test_parity_matrix import (  # noqa: F401  (seed, f
 )
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("torchao")  # the optional extra .[float8] (part of .[dev])
 
 FLOAT8 = ["--model.converters", "quantize.linear.float8"]  # debug_model.toml filters `output`
 STEPS = 20

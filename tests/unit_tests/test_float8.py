@@ -9,6 +9,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel
+
+pytest.importorskip("torchao")  # the optional extra .[float8] (part of .[dev])
+
 from torchao.float8.config import ScalingGranularity, ScalingType
 from torchao.float8.float8_linear import Float8Linear
 from torchao.float8.float8_tensor_parallel import (

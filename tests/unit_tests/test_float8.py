@@ -23,6 +23,7 @@ from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
 
 from tests.integration_tests.runner import DEBUG_CONFIG
 from tests.unit_tests.test_parallel_dims import dims
+from torchtitan import train
 from torchtitan.components.checkpoint_storage import Comm, prepare_write, write_dcp
 from torchtitan.components.quantization import float8, mx
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
@@ -230,3 +231,24 @@ def test_checkpoint_stores_float8_all_gather_weights_as_plain_tensors(tmp_path):
     finally:
         torch.serialization.add_safe_globals(allowlisted)
     assert type(loaded["w"]) is torch.Tensor and torch.equal(loaded["w"], values)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["--quantize.linear.float8.enable_fsdp_float8_all_gather"],
+         "error: quantize.linear.float8.enable_fsdp_float8_all_gather=true needs FSDP sharding"),
+        (["--model.converters", "quantize.linear.mx"],
+         "error: model.converters: quantize.linear.mx needs a CUDA GPU of compute capability >= 10.0 (SM 10.0); "
+         "this machine has no CUDA GPU"),
+    ],
+)
+def test_trainer_stops_in_one_line(tmp_path, capfd, monkeypatch, overrides, expected):
+    """`python -m torchtitan.train` with the debug TOML: exit code 2, one error line, no traceback."""
+    monkeypatch.setattr(train, "init_logger", lambda: None)  # keep pytest's log capture
+    argv = ["--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path), "--model.converters", FLOAT8]
+    code = train.main([*argv, *overrides])
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(expected), err[-2000:]
+    assert "Traceback" not in err

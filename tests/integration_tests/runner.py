@@ -183,14 +183,19 @@ def make_seed_checkpoint(dump_folder: Path, *overrides: str) -> Path:
 
 
 def assert_losses_close(
-    actual: dict[int, float], expected: dict[int, float], rtol: float, steps: list[int] | None = None
+    actual: dict[int, float], expected: dict[int, float], rtol: float, steps: list[int] | None = None,
+    atol: float = 0.0,
 ) -> None:
-    """`actual` logged exactly `steps` (default: the steps of `expected`), each within `rtol` of `expected`
-    (rtol=0: bitwise equal)."""
+    """`actual` logged exactly `steps` (default: the steps of `expected`), each within `rtol` (relative) or
+    `atol` (absolute) of `expected` (both 0: bitwise equal)."""
     steps = sorted(expected) if steps is None else steps
     assert sorted(actual) == steps, (sorted(actual), steps)
-    bad = {s: (actual[s], expected[s]) for s in steps if not math.isclose(actual[s], expected[s], rel_tol=rtol)}
-    assert not bad, f"losses differ beyond rtol={rtol} (step: (actual, expected)): {bad}"
+    bad = {
+        s: (actual[s], expected[s])
+        for s in steps
+        if not math.isclose(actual[s], expected[s], rel_tol=rtol, abs_tol=atol)
+    }
+    assert not bad, f"losses differ beyond rtol={rtol}, atol={atol} (step: (actual, expected)): {bad}"
 
 
 def step_folders(checkpoint_folder: Path) -> list[int]:

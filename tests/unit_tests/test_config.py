@@ -327,9 +327,8 @@ def test_toml_with_utf8_byte_order_mark(tmp_path):
         (["--validation.enable"], "validation.enable=true"),
         (["--memory_estimation.enable"], "memory_estimation.enable=true"),
         (["--fault_tolerance.enable"], "fault_tolerance.enable=true"),
-        (["--model.converters", "quantize.linear.float8"], "model.converters=['quantize.linear.float8']"),
-        (["--model.converters", "quantize.linear.mx"], "model.converters=['quantize.linear.mx']"),
-        (["--model.converters", "float8"], "model.converters=['quantize.linear.float8']"),  # 0.1 name, renamed
+        (["--model.converters", "quantize.grouped_mm.float8"], "model.converters=['quantize.grouped_mm.float8']"),
+        (["--model.converters", "quantize.grouped_mm.mx"], "model.converters=['quantize.grouped_mm.mx']"),
     ],
 )
 def test_switches_of_unbuilt_features_are_refused(args, message):

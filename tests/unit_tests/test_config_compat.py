@@ -34,15 +34,14 @@ def test_v02_fixture_covers_every_section():
 
 @pytest.fixture
 def schema_only(monkeypatch):
-    """The fixtures and aliases here switch on features that are not built yet (PP, CP, Float8, validation),
-    which a run refuses in one line (see test_config.py). These tests check names and values only."""
+    """The v0.2 fixture and some aliases here switch on features that are not built yet (PP, CP,
+    validation), which a run refuses in one line (see test_config.py). These tests check names and values only."""
     monkeypatch.setattr(validation, "NOT_BUILT", {})
 
 
-def test_fixtures_switch_on_unbuilt_features():
-    for name in ("titan_v02_all_sections.toml", "titan_v01_deprecated.toml"):
-        with pytest.raises(ConfigError, match="is not supported yet; fix: "):
-            ConfigManager().parse_args(["--job.config_file", str(CONFIGS / name)])
+def test_v02_fixture_switches_on_unbuilt_features():
+    with pytest.raises(ConfigError, match="is not supported yet; fix: "):
+        ConfigManager().parse_args(["--job.config_file", str(CONFIGS / "titan_v02_all_sections.toml")])
 
 
 @pytest.mark.usefixtures("schema_only")
@@ -124,7 +123,6 @@ def test_removed_keys_are_ignored_with_warning(captured_warnings):
     ]
 
 
-@pytest.mark.usefixtures("schema_only")
 def test_v01_fixture_maps_every_old_name(captured_warnings):
     path = CONFIGS / "titan_v01_deprecated.toml"
     config = ConfigManager().parse_args(["--job.config_file", str(path)])

@@ -24,6 +24,7 @@ from torchtitan.distributed.utils import (
 from torchtitan.models.llama3.infra.parallelize import check_supported, llama_tp_plan, parallelize_llama
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.llama3.model.model import Transformer
+from torchtitan.protocols.model_converter import build_model_converters
 
 
 def dims(world_size: int, **degrees: int) -> ParallelDims:
@@ -174,12 +175,23 @@ class _CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("mode,option", [("full", "2"), ("selective", "1"), ("selective", "2"), ("selective", "op")])
-def test_activation_checkpointing_keeps_gradients_and_recomputes_as_configured(mode: str, option: str) -> None:
+@pytest.mark.parametrize(
+    "mode,option,float8",
+    [("full", "2", False), ("selective", "1", False), ("selective", "2", False), ("selective", "op", False),
+     ("full", "2", True), ("selective", "op", True)],
+)
+def test_activation_checkpointing_keeps_gradients_and_recomputes_as_configured(
+    mode: str, option: str, float8: bool
+) -> None:
     torch.manual_seed(0)
     plain = Transformer(tiny_args())
     tokens = torch.randint(0, 128, (2, 16))
     jc = job()
+    if float8:
+        # A dispatch mode (this counter, op-level SAC's policy, eager or compiled) sees a float8 matmul as
+        # `mm` on torchao's Float8TrainingTensors; the subclass calls `_scaled_mm` below it.
+        jc.model.converters = ["quantize.linear.float8"]
+        build_model_converters(jc).convert(plain)
     jc.activation_checkpoint.mode, jc.activation_checkpoint.selective_ac_option = mode, option
     wrapped = parallelize_llama(copy.deepcopy(plain), dims(1), jc)
     counts = []
@@ -190,9 +202,10 @@ def test_activation_checkpointing_keeps_gradients_and_recomputes_as_configured(m
         counts.append(counter.count)
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), wrapped.parameters()))
     # A checkpointed block recomputes 6 of its 7 forward matmuls (recomputation stops before w2, whose
-    # output backward does not need); op-level SAC saves every matmul output and recomputes none.
+    # output backward does not need); with float8 all 7, since torchao's autograd function saves w2's
+    # inputs only after its matmul ran. Op-level SAC saves every matmul output and recomputes none.
     wrapped_blocks = {("full", "2"): 2, ("selective", "1"): 2, ("selective", "2"): 1, ("selective", "op"): 0}
-    assert counts[1] - counts[0] == 6 * wrapped_blocks[(mode, option)]
+    assert counts[1] - counts[0] == (7 if float8 else 6) * wrapped_blocks[(mode, option)]
     n_wrappers = sum(type(b).__name__ == "CheckpointWrapper" for b in wrapped.layers.values())
     assert n_wrappers == (2 if option == "op" else wrapped_blocks[(mode, option)])
 

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.components.checkpoint_hf import load_hf, save_hf
 from torchtitan.components.checkpoint_storage import (
     Comm,
+    PlainTensorSavePlanner,
     commit,
     is_complete,
     is_hf_folder,
@@ -233,6 +234,7 @@ class CheckpointManager:
         response = dcp.async_save(
             state,
             storage_writer=FileSystemWriter(tmp),
+            planner=PlainTensorSavePlanner(),
             process_group=self.comm.group,
             async_stager=self._stager,
             no_dist=self.comm.no_dist,

@@ -15,6 +15,7 @@ from torchtitan.components.checkpoint_storage import (
     LOAD_ERRORS,
     TRAINING_STATES,
     Comm,
+    PlainTensorSavePlanner,
     SafeLoadPlanner,
     check_state_keys,
     commit,
@@ -76,7 +77,8 @@ def save_hf(
     writer = HuggingFaceStorageWriter(
         folder, fqn_to_index_mapping=mapping, save_distributed=True, enable_consolidation=True
     )
-    dcp.save(hf_sd, storage_writer=writer, process_group=comm.group, no_dist=comm.no_dist)
+    dcp.save(hf_sd, storage_writer=writer, planner=PlainTensorSavePlanner(), process_group=comm.group,
+             no_dist=comm.no_dist)
     if comm.rank == 0:
         shutil.rmtree(os.path.join(folder, _SHARDED_DIR))
         if max(mapping.values()) == 1:

@@ -24,14 +24,15 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
     StorageMeta,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import ReadItem, WriteItem
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from torchtitan.config.errors import ConfigError
 from torchtitan.tools.logging import get_logger
@@ -132,6 +133,20 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class PlainTensorSavePlanner(DefaultSavePlanner):
+    """DefaultSavePlanner that writes a tensor subclass (e.g. torchao's float8 FSDP weight wrapper) as a
+    plain tensor of its values: DCP pickles each tensor, and a pickled subclass would only load
+    (`weights_only`) where its library is imported and allowlisted, so not in a bf16 or fp32 run."""
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        data = super().resolve_data(write_item)
+        if not (isinstance(data, torch.Tensor) and is_traceable_wrapper_subclass(data)):
+            return data
+        plain = torch.empty(data.shape, dtype=data.dtype, device=data.device)
+        plain.copy_(data)  # the subclass's copy_ writes its values into `plain` (it returns a wrapper)
+        return plain
 
 
 # What dcp.load raises: CheckpointException (a BaseException) wraps the ranks' errors.
@@ -326,7 +341,8 @@ def load_dcp(
 
 def write_dcp(state: dict[str, Any], tmp: str, final: str, comm: Comm) -> None:
     """Save `state` into the temporary folder `tmp` (see `prepare_write`) and commit it as `final`."""
-    dcp.save(state, storage_writer=FileSystemWriter(tmp), process_group=comm.group, no_dist=comm.no_dist)
+    dcp.save(state, storage_writer=FileSystemWriter(tmp), planner=PlainTensorSavePlanner(), process_group=comm.group,
+             no_dist=comm.no_dist)
     commit(tmp, final, comm)
 
 

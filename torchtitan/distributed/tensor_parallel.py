@@ -1,14 +1,21 @@
-"""Tensor-parallel helpers shared by models: plan application, a replicate style, the async-TP gate."""
+"""Tensor-parallel helpers shared by models: plan application, a replicate style, the styles of linear
+layers (plain or float8), the async-TP gate."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_module
-from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from torchtitan.config.errors import ConfigError
 from torchtitan.tools.logging import get_logger
@@ -42,6 +49,17 @@ class ReplicateParallel(ParallelStyle):
             return outputs.to_local() if isinstance(outputs, DTensor) else outputs
 
         return distribute_module(module, device_mesh, replicate_params, to_dtensor, to_local)
+
+
+class LinearTPStyles(NamedTuple):
+    """The style classes a TP plan uses for the linear layers of its blocks and for their inputs."""
+
+    colwise: type[ColwiseParallel]
+    rowwise: type[RowwiseParallel]
+    prepare_input: type[PrepareModuleInput]
+
+
+PLAIN_TP_STYLES = LinearTPStyles(ColwiseParallel, RowwiseParallel, PrepareModuleInput)
 
 
 def apply_tp_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> None:

@@ -1,5 +1,6 @@
 """Model converters (e.g. Float8 training) selected by name with `model.converters`."""
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from torch import nn
@@ -20,10 +21,13 @@ class ModelConverter(Protocol):
     def post_optimizer_hook(self, model: nn.Module | list[nn.Module]) -> None: ...
 
 
-_converters: dict[str, type[ModelConverter]] = {}
+# A converter class, or any callable with its constructor's signature (one may refuse to build).
+ConverterFactory = Callable[[Any, Any], ModelConverter]
+
+_converters: dict[str, ConverterFactory] = {}
 
 
-def register_model_converter(converter_cls: type[ModelConverter], name: str) -> None:
+def register_model_converter(converter_cls: ConverterFactory, name: str) -> None:
     """Make `converter_cls` selectable as `model.converters = [name]`; names are unique."""
     if name in _converters:
         raise ValueError(f"a model converter named {name!r} is already registered")

@@ -10,17 +10,19 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
-    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
 )
 
+from torchtitan.components.quantization.float8 import linear_tp_styles
 from torchtitan.config.errors import ConfigError
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile, model_compile_enabled
 from torchtitan.distributed.data_parallel import apply_ddp, apply_fsdp
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.tensor_parallel import (
+    PLAIN_TP_STYLES,
+    LinearTPStyles,
     ReplicateParallel,
     apply_tp_plan,
     check_async_tp,
@@ -33,13 +35,16 @@ logger = get_logger(__name__)
 
 
 
-def llama_tp_plan(sequence_parallel: bool = True, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
+def llama_tp_plan(
+    sequence_parallel: bool = True, loss_parallel: bool = True, styles: LinearTPStyles = PLAIN_TP_STYLES
+) -> dict[str, ParallelStyle]:
     """The Llama tensor-parallel plan: module path (`*` = every block) -> parallel style.
 
     Attention and FFN are Megatron-style column-then-row pairs. With sequence parallel the activations
     between them (embeddings out, norms, residual stream) are sharded on the sequence dim (Shard(1))
     and the row-parallel outputs are reduce-scattered; without it they are replicated. With loss
-    parallel the logits stay sharded on the vocab dim for `loss_parallel()` cross entropy.
+    parallel the logits stay sharded on the vocab dim for `loss_parallel()` cross entropy. `styles`
+    shards the blocks' linear layers and their inputs (float8 styles under Float8 training).
     """
     seq = Shard(1) if sequence_parallel else Replicate()
     norm = SequenceParallel() if sequence_parallel else ReplicateParallel()
@@ -52,21 +57,21 @@ def llama_tp_plan(sequence_parallel: bool = True, loss_parallel: bool = True) ->
             use_local_output=not loss_parallel,
         ),
         "layers.*.attention_norm": norm,
-        "layers.*.attention.wq": ColwiseParallel(),
-        "layers.*.attention.wk": ColwiseParallel(),
-        "layers.*.attention.wv": ColwiseParallel(),
-        "layers.*.attention.wo": RowwiseParallel(output_layouts=seq),
+        "layers.*.attention.wq": styles.colwise(),
+        "layers.*.attention.wk": styles.colwise(),
+        "layers.*.attention.wv": styles.colwise(),
+        "layers.*.attention.wo": styles.rowwise(output_layouts=seq),
         "layers.*.ffn_norm": norm,
-        "layers.*.feed_forward.w1": ColwiseParallel(),
-        "layers.*.feed_forward.w2": RowwiseParallel(output_layouts=seq),
-        "layers.*.feed_forward.w3": ColwiseParallel(),
+        "layers.*.feed_forward.w1": styles.colwise(),
+        "layers.*.feed_forward.w2": styles.rowwise(output_layouts=seq),
+        "layers.*.feed_forward.w3": styles.colwise(),
     }
     if sequence_parallel:
         # All-gather the sequence-sharded norm output once per sub-layer (freqs_cis passes through).
-        plan["layers.*.attention"] = PrepareModuleInput(
+        plan["layers.*.attention"] = styles.prepare_input(
             input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
         )
-        plan["layers.*.feed_forward"] = PrepareModuleInput(
+        plan["layers.*.feed_forward"] = styles.prepare_input(
             input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
         )
     return plan
@@ -111,7 +116,11 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
     if parallel_dims.tp_enabled:
         tp_mesh = parallel_dims.get_mesh("tp")
         maybe_enable_async_tp(job_config, tp_mesh)
-        plan = llama_tp_plan(parallel_dims.sequence_parallel_enabled, parallel_dims.loss_parallel_enabled)
+        plan = llama_tp_plan(
+            parallel_dims.sequence_parallel_enabled,
+            parallel_dims.loss_parallel_enabled,
+            linear_tp_styles(job_config, device_type),
+        )
         apply_tp_plan(model, tp_mesh, plan)
         if model.tok_embeddings is not None:
             model.tok_embeddings.register_forward_hook(_copy_if_view)

@@ -244,7 +244,7 @@ def _resolve_auto_precision(job_config: JobConfig, device: torch.device) -> None
     where = device.type
     if device.type == "cpu":
         native = "with" if cpu_has_native_bf16() else "without"
-        where = f"a {torch.backends.cpu.get_cpu_capability()} CPU {native} native bf16"
+        where = f"a CPU with {torch.backends.cpu.get_cpu_capability()}, {native} native bf16"
     logger.info(
         f"training.mixed_precision_param=auto -> {training.mixed_precision_param} on {where} "
         "(set it explicitly to override)"

@@ -25,7 +25,7 @@ from torchtitan.protocols.train_spec import build_meta_model, get_train_spec
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.parent_watch import exit_with_launcher
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-from torchtitan.tools.utils import TORCH_DTYPES, GarbageCollection
+from torchtitan.tools.utils import TORCH_DTYPES, GarbageCollection, cpu_has_native_bf16, resolve_mixed_precision_param
 
 
 class TrainingDivergedError(RuntimeError):
@@ -41,6 +41,7 @@ class Trainer(Stateful):
         self.ntokens_seen = 0
 
         self.device = dist_utils.init_distributed(job_config.comm, job_config.job.dump_folder)
+        _resolve_auto_precision(job_config, self.device)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.parallel_dims = pd = ParallelDims.from_job_config(job_config, world_size)
         dist_utils.set_determinism(pd, self.device, job_config.debug)
@@ -233,10 +234,27 @@ def _shutdown(clean: bool) -> None:
         dist.destroy_process_group()
 
 
+def _resolve_auto_precision(job_config: JobConfig, device: torch.device) -> None:
+    """Replace `training.mixed_precision_param = "auto"` by the dtype this device runs fastest, in place,
+    so FSDP, autocast and the saved config all see the choice; explicit values are left alone."""
+    training = job_config.training
+    if training.mixed_precision_param != "auto":
+        return
+    training.mixed_precision_param = resolve_mixed_precision_param("auto", device.type)
+    where = device.type
+    if device.type == "cpu":
+        native = "with" if cpu_has_native_bf16() else "without"
+        where = f"a CPU with {torch.backends.cpu.get_cpu_capability()}, {native} native bf16"
+    logger.info(
+        f"training.mixed_precision_param=auto -> {training.mixed_precision_param} on {where} "
+        "(set it explicitly to override)"
+    )
+
+
 def _autocast_context(job_config: JobConfig, pd: ParallelDims, device: torch.device):
     """Autocast to `mixed_precision_param` when FSDP (which casts parameters itself) is off."""
     dtype = TORCH_DTYPES[job_config.training.mixed_precision_param]
-    if dtype != torch.float32 and device.type == "cpu" and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+    if dtype != torch.float32 and device.type == "cpu" and not cpu_has_native_bf16():
         logger.warning(
             f"training.mixed_precision_param={job_config.training.mixed_precision_param} on a CPU without "
             f"native bf16 ({torch.backends.cpu.get_cpu_capability()}) runs ~30x slower than float32; "

@@ -108,7 +108,11 @@ class Training:
     steps: int = opt(10000, "Training steps")
     enable_cpu_offload: bool = opt(False, "Offload FSDP parameters, gradients and optimizer state to CPU")
     dtype: Literal["bfloat16", "float32"] = opt("float32", "Parameter dtype when FSDP mixed precision is not used")
-    mixed_precision_param: Literal["bfloat16", "float32"] = opt("bfloat16", "FSDP/autocast compute dtype")
+    mixed_precision_param: Literal["auto", "bfloat16", "float32"] = opt(
+        "bfloat16",
+        'FSDP/autocast compute dtype; "auto" picks at run time: bfloat16 on GPUs and on CPUs with native bf16 '
+        "(AVX512-BF16/AMX), float32 on other CPUs (AVX2: bf16 autocast is many times slower there)",
+    )
     mixed_precision_reduce: Literal["float32"] = opt("float32", "FSDP gradient reduce-scatter dtype")
     gc_freq: int = opt(50, "Run Python garbage collection every N steps")
     gc_debug: bool = opt(False, "Collect garbage every step to find leaks (slow)")

@@ -29,7 +29,7 @@ from torchtitan.distributed.tensor_parallel import (
     maybe_enable_async_tp,
 )
 from torchtitan.tools.logging import get_logger
-from torchtitan.tools.utils import TORCH_DTYPES
+from torchtitan.tools.utils import TORCH_DTYPES, resolve_mixed_precision_param
 
 logger = get_logger(__name__)
 
@@ -145,7 +145,7 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
         apply_fsdp(
             model,
             parallel_dims.get_mesh(("dp_replicate", "dp_shard_cp")),
-            param_dtype=TORCH_DTYPES[training.mixed_precision_param],
+            param_dtype=TORCH_DTYPES[resolve_mixed_precision_param(training.mixed_precision_param, device_type)],
             reduce_dtype=TORCH_DTYPES[training.mixed_precision_reduce],
             pp_enabled=parallel_dims.pp_enabled,
             cpu_offload=training.enable_cpu_offload,

@@ -246,6 +246,8 @@ def test_checkpoint_stores_float8_all_gather_weights_as_plain_tensors(tmp_path):
 def test_trainer_stops_in_one_line(tmp_path, capfd, monkeypatch, overrides, expected):
     """`python -m torchtitan.train` with the debug TOML: exit code 2, one error line, no traceback."""
     monkeypatch.setattr(train, "init_logger", lambda: None)  # keep pytest's log capture
+    # ...and drop handlers an earlier in-process main() left on streams pytest has closed since.
+    monkeypatch.setattr(train.logger, "handlers", [])
     argv = ["--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path), "--model.converters", FLOAT8]
     code = train.main([*argv, *overrides])
     err = capfd.readouterr().err

@@ -23,7 +23,7 @@ GLOBAL_BATCH = 8
 STEPS = 8
 HALF = STEPS // 2
 RTOL = 1e-4
-BASE = [*TINY, "--lr_scheduler.total_steps", str(STEPS), "--training.global_batch_size", str(GLOBAL_BATCH),
+BASE = [*TINY, "--training.steps", str(STEPS), "--lr_scheduler.total_steps", str(STEPS), "--training.global_batch_size", str(GLOBAL_BATCH),
         "--training.local_batch_size", str(GLOBAL_BATCH)]
 CSV = REPO / "torchtitan/models/llama3/train_configs/pp2_1f1b_4mb.csv"
 SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]

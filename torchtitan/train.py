@@ -48,11 +48,7 @@ class Trainer(Stateful):
         dist_utils.set_determinism(pd, self.device, job_config.debug)
         self.train_spec = spec = get_train_spec(job_config.model.name)
 
-        # Data: partitioned over the data-parallel dims only.
         self.tokenizer = spec.build_tokenizer_fn(job_config)
-        self.dataloader = spec.build_dataloader_fn(
-            pd.dp_world_size, pd.dp_rank(), self.tokenizer, job_config
-        )
 
         # Model: built on meta, converted, parallelized, then materialized.
         self.model_args, model = build_meta_model(spec, job_config, self.tokenizer)
@@ -86,6 +82,10 @@ class Trainer(Stateful):
             part.to(dtype=TORCH_DTYPES[job_config.training.dtype])
             part.train()
 
+        # Data (after the model, whose layout checks are cheaper): partitioned over the data-parallel dims.
+        self.dataloader = spec.build_dataloader_fn(
+            pd.dp_world_size, pd.dp_rank(), self.tokenizer, job_config
+        )
         self.optimizers = spec.build_optimizers_fn(self.model_parts, job_config.optimizer, pd)
         self.lr_schedulers = spec.build_lr_schedulers_fn(
             self.optimizers, job_config.lr_scheduler, job_config.training.steps

@@ -20,7 +20,6 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
-    PipelineScheduleMulti,
     PipelineScheduleSingle,
     ScheduleDualPipeV,
     ScheduleZBVZeroBubble,
@@ -55,9 +54,7 @@ def is_single_stage(cls: type[_PipelineSchedule]) -> bool:
     return issubclass(cls, PipelineScheduleSingle)
 
 
-def num_stages(
-    cls: type[_PipelineSchedule], pp: int, n_layers: int, pp_config: Any
-) -> int:
+def num_stages(cls: type[_PipelineSchedule], pp: int, n_layers: int, pp_config: Any) -> int:
     """Total stage count: `module_fqns_per_model_part` entries, else from `pipeline_parallel_layers_per_stage`
     (ceil((layers + first_less + last_less) / layers_per_stage)), else 1 or 2 per rank by schedule kind."""
     if pp_config.module_fqns_per_model_part:
@@ -103,8 +100,7 @@ def fqns_per_stage(
     units = n_layers + first_less + last_less
     base, extra = divmod(units, n_stages)
     sizes = [base] * n_stages
-    order = list(range(1, n_stages - 1)) + [0, n_stages - 1] if n_stages > 1 else [0]
-    for i in order[:extra]:
+    for i in (list(range(1, n_stages - 1)) + [0, n_stages - 1])[:extra]:
         sizes[i] += 1
     sizes[0] -= first_less
     sizes[-1] -= last_less
@@ -225,8 +221,7 @@ def build_schedule(
     if csv_path:
         if not os.path.isfile(csv_path):
             raise ConfigError(f"--parallelism.pipeline_parallel_schedule_csv={csv_path!r} is not a file")
-        schedule = _PipelineScheduleRuntime(stages, n_microbatches=n_microbatches, loss_fn=loss_fn,
-                                            scale_grads=False)
+        schedule = _PipelineScheduleRuntime(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
         try:
             schedule._load_csv(csv_path)
         except (ValueError, AssertionError, RuntimeError) as e:
@@ -249,20 +244,14 @@ def describe_rank(pp_rank: int, stage_ids: list[int], parts_fqns: list[list[str]
 
 def _compact(names: list[str]) -> str:
     """['tok_embeddings', 'layers.0', 'layers.1', 'layers.2'] -> 'tok_embeddings, layers.0-2'."""
-    out, run = [], []
-    for name in names + [""]:
+    out: list[list] = []  # [text, container, first index, last index]
+    for name in names:
         head, _, idx = name.rpartition(".")
-        if idx.isdigit() and (not run or (run[0][0] == head and int(idx) == run[-1][1] + 1)):
-            run.append((head, int(idx)))
-            continue
-        if run:
-            out.append(f"{run[0][0]}.{run[0][1]}" + (f"-{run[-1][1]}" if len(run) > 1 else ""))
-            run = [(head, int(idx))] if idx.isdigit() else []
-            if run:
-                continue
-        if name:
-            out.append(name)
-    return ", ".join(out)
+        if idx.isdigit() and out and out[-1][1] == head and out[-1][3] == int(idx) - 1:
+            out[-1][3] = int(idx)
+        else:
+            out.append([name, head, int(idx), int(idx)] if idx.isdigit() else [name, None, 0, 0])
+    return ", ".join(t if first == last else f"{t}-{last}" for t, _, first, last in out)
 
 
 def plan_stages(model: nn.Module, pp: int, n_layers: int, job_config: Any, input_modules: Sequence[str],

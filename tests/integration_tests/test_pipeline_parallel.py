@@ -40,9 +40,14 @@ def from_seed(tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, from_seed) -> dict[int, float]:
+def reference_run(tmp_path_factory, from_seed) -> Run:
     """The single-process run from the seed (the same global batch)."""
-    return run_train(tmp_path_factory.mktemp("single"), *BASE, *from_seed, "--checkpoint.load_only").losses()
+    return run_train(tmp_path_factory.mktemp("single"), *BASE, *from_seed, "--checkpoint.load_only")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[int, float]:
+    return reference_run.losses()
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +57,14 @@ def pp_1f1b(tmp_path_factory, from_seed) -> Run:
                      "--checkpoint.interval", str(HALF), "--checkpoint.no_last_save_model_only", ngpu=2)
 
 
-def test_every_schedule_and_csv_matches_single_process(tmp_path, from_seed, reference, pp_1f1b):
+def test_every_schedule_and_csv_matches_single_process(tmp_path, from_seed, reference, reference_run, pp_1f1b):
     """Each schedule (2 stages per rank for the multi-stage ones, 8 microbatches) and a CSV action table
-    (4 microbatches of 2) give every step's loss within 1e-4 of one process; the log shows the real loss."""
+    (4 microbatches of 2) give every step's loss within 1e-4 of one process; the log shows the real loss,
+    and the gradient norm (clipping is active: max_norm 1) is reduced over the stages."""
     assert_losses_close(pp_1f1b.losses(), reference, RTOL)
+    norms = [{r["step"]: r["grad_norm"] for r in run.metrics()} for run in (pp_1f1b, reference_run)]
+    assert_losses_close(*norms, RTOL)
+    assert max(norms[1].values()) > 1.0
     cases = {name: pp(name) for name in SCHEDULES if name != "1F1B"}
     cases["csv"] = pp("PipelineScheduleSingle", "--parallelism.pipeline_parallel_schedule_csv", str(CSV),
                       "--parallelism.pipeline_parallel_microbatch_size", "2")

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 import torchtitan.builtins  # noqa: F401  (registers the built-in models and converters)
 from torchtitan.components.checkpoint import CheckpointManager, validate_seed_checkpoint
 from torchtitan.components.dataloader import DataExhaustedError
+from torchtitan.components.loss import TokenNormalizedLoss
 from torchtitan.components.metrics import build_metrics_processor
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.config.validation import gradient_accumulation_steps
@@ -47,11 +48,7 @@ class Trainer(Stateful):
         dist_utils.set_determinism(pd, self.device, job_config.debug)
         self.train_spec = spec = get_train_spec(job_config.model.name)
 
-        # Data: partitioned over the data-parallel dims only.
         self.tokenizer = spec.build_tokenizer_fn(job_config)
-        self.dataloader = spec.build_dataloader_fn(
-            pd.dp_world_size, pd.dp_rank(), self.tokenizer, job_config
-        )
 
         # Model: built on meta, converted, parallelized, then materialized.
         self.model_args, model = build_meta_model(spec, job_config, self.tokenizer)
@@ -62,20 +59,38 @@ class Trainer(Stateful):
             model, job_config.training.seq_len
         )
         disable_compile_caches_for_tp(job_config.compile, pd.tp_enabled)
-        model = spec.parallelize_fn(model, pd, job_config)
-        model.to_empty(device=self.device)
-        with torch.no_grad():
-            model.init_weights(buffer_device=None)
-        model.to(dtype=TORCH_DTYPES[job_config.training.dtype])
-        model.train()
-        self.model_parts = [model]
+        # Built ahead of the model split: under PP the schedule calls it for every microbatch.
+        self.loss_fn = TokenNormalizedLoss(spec.build_loss_fn(job_config))
+        self.pp_schedule = None
+        self.pp_has_first_stage = self.pp_has_last_stage = True
+        if pd.pp_enabled:
+            if spec.pipelining_fn is None:
+                raise ConfigError(
+                    f"--parallelism.pipeline_parallel_degree={pd.pp}: model {job_config.model.name} has no "
+                    "pipelining_fn in its TrainSpec; set it to 1"
+                )
+            self.pp_schedule, self.model_parts, self.pp_has_first_stage, self.pp_has_last_stage = spec.pipelining_fn(
+                model, pd, job_config, self.device, spec.parallelize_fn, self.loss_fn
+            )
+        else:
+            self.model_parts = [spec.parallelize_fn(model, pd, job_config)]
+        del model
+        for part in self.model_parts:
+            part.to_empty(device=self.device)
+            with torch.no_grad():
+                part.init_weights(buffer_device=None)
+            part.to(dtype=TORCH_DTYPES[job_config.training.dtype])
+            part.train()
 
+        # Data (after the model, whose layout checks are cheaper): partitioned over the data-parallel dims.
+        self.dataloader = spec.build_dataloader_fn(
+            pd.dp_world_size, pd.dp_rank(), self.tokenizer, job_config
+        )
         self.optimizers = spec.build_optimizers_fn(self.model_parts, job_config.optimizer, pd)
         self.lr_schedulers = spec.build_lr_schedulers_fn(
             self.optimizers, job_config.lr_scheduler, job_config.training.steps
         )
         self.optimizers.register_step_post_hook(lambda *_: converters.post_optimizer_hook(self.model_parts))
-        self.loss_fn = spec.build_loss_fn(job_config)
         sd_adapter = (
             spec.state_dict_adapter(self.model_args, job_config.model.hf_assets_path)
             if spec.state_dict_adapter
@@ -132,6 +147,29 @@ class Trainer(Stateful):
         self.metrics.data_loading_times.append(time.perf_counter() - start)
         return batches
 
+    def train_context(self) -> contextlib.ExitStack:
+        """The contexts one forward + backward runs in: autocast, then loss parallel (the loss and its
+        backward need it). Context parallel enters its context here too."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.autocast)
+        stack.enter_context(dist_utils.loss_parallel_context(self.parallel_dims))
+        return stack
+
+    def forward_backward_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one local batch (the pipeline schedule under PP, its microbatches
+        included). Returns the detached token-normalized loss; 0 on ranks without the last PP stage."""
+        # Context parallel: shard `inputs` and `labels` on the sequence dim here, before the forward.
+        with self.train_context():
+            if self.pp_schedule is not None:
+                losses: list[torch.Tensor] | None = [] if self.pp_has_last_stage else None
+                args = (inputs,) if self.pp_has_first_stage else ()
+                self.pp_schedule.step(*args, target=labels if self.pp_has_last_stage else None, losses=losses)
+                loss = torch.stack([_full(x) for x in losses]).sum() if losses else torch.zeros(())
+            else:
+                loss = self.loss_fn(self.model_parts[0](inputs), labels)
+                loss.backward()
+        return _full(loss.detach()).to(self.device)
+
     def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One optimizer step over `grad_accum_steps` microbatches; loss normalized by global tokens."""
         pd = self.parallel_dims
@@ -139,20 +177,18 @@ class Trainer(Stateful):
         loss_mesh = pd.get_mesh("dp_cp")
         local_tokens = sum(int((labels != -100).sum()) for _, labels in microbatches)
         global_tokens = int(dist_utils.dist_sum(local_tokens, loss_mesh))
-        model = self.model_parts[0]
+        self.loss_fn.global_tokens = global_tokens
         loss_sum = torch.zeros((), device=self.device)
-        sync = getattr(model, "set_requires_gradient_sync", None)
+        # Without PP, gradients are reduced once, after the last microbatch (PP schedules do it per step).
+        sync = None if self.pp_schedule else getattr(self.model_parts[0], "set_requires_gradient_sync", None)
         for i, (inputs, labels) in enumerate(microbatches):
-            if sync is not None:  # reduce gradients once, after the last microbatch
+            if sync is not None:
                 sync(i == len(microbatches) - 1)
-            with self.autocast, dist_utils.loss_parallel_context(pd):
-                logits = model(inputs)
-                loss = self.loss_fn(logits, labels) / global_tokens
-                loss.backward()
-            loss = loss.detach()
-            loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
+            loss_sum += self.forward_backward_step(inputs, labels)
         grad_norm = dist_utils.clip_grad_norm_(
-            [p for m in self.model_parts for p in m.parameters()], self.job_config.training.max_norm
+            [p for m in self.model_parts for p in m.parameters()],
+            self.job_config.training.max_norm,
+            pp_mesh=pd.get_mesh("pp"),
         )
         if not torch.isfinite(grad_norm):
             raise TrainingDivergedError(
@@ -168,6 +204,8 @@ class Trainer(Stateful):
         self.ntokens_seen += global_tokens
         self.metrics.ntokens_since_last_log += local_tokens
         if self.metrics.should_log(self.step):
+            if pd.pp_enabled:  # the loss lives on the last stage: make it every PP rank's
+                loss_sum = torch.tensor(dist_utils.dist_sum(loss_sum, pd.get_mesh("pp")))
             global_avg = dist_utils.dist_sum(loss_sum, loss_mesh)
             local_mean = loss_sum * global_tokens / max(local_tokens, 1)
             global_max = dist_utils.dist_max(local_mean, loss_mesh)
@@ -219,6 +257,11 @@ class Trainer(Stateful):
         self.checkpointer.close()
         self.metrics.close()
         self.gc_handler.close()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor (under loss parallel it is a replicated DTensor)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _global_rank() -> int:

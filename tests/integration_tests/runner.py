@@ -172,6 +172,20 @@ def error_lines(run: Run) -> list[str]:
     return [m.group(1) for line in lines if (m := _ERROR_LINE.match(line))]
 
 
+def assert_one_line_error(
+    dump_folder: Path, *overrides: str, expected: str, ngpu: int, comm_mode: str = "real"
+) -> None:
+    """Run a job that must fail on its config: exit code 2, exactly one `error:` line containing `expected`,
+    no traceback and no training record; `comm_mode="fake_backend"` checks the dry run instead."""
+    env = {"COMM_MODE": comm_mode} if comm_mode == "fake_backend" else None
+    run = run_train(dump_folder, *overrides, ngpu=ngpu, env=env, check=False)
+    lines = error_lines(run)
+    assert run.returncode == 2 and len(lines) == 1, (run.returncode, (run.stdout + run.stderr)[-3000:])
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in run.stdout + run.stderr
+    assert not (Path(dump_folder) / "metrics.jsonl").exists()
+
+
 def make_seed_checkpoint(dump_folder: Path, *overrides: str) -> Path:
     """Create a seed checkpoint (one process, all degrees 1) and return its `step-0` folder."""
     run_train(

@@ -13,7 +13,7 @@ from tests.integration_tests.runner import (
     TINY,
     Run,
     assert_losses_close,
-    error_lines,
+    assert_one_line_error,
     make_seed_checkpoint,
     run_train,
 )
@@ -179,10 +179,4 @@ INVALID_LAYOUTS = [
     "ngpu, overrides, expected", [pytest.param(n, o, e, id=name) for name, n, o, e in INVALID_LAYOUTS]
 )
 def test_invalid_layout_is_one_line_error(tmp_path, comm_mode, ngpu, overrides, expected):
-    env = {"COMM_MODE": comm_mode} if comm_mode == "fake_backend" else None
-    run = run_train(tmp_path, *TINY, *overrides, ngpu=ngpu, env=env, check=False)
-    lines = error_lines(run)
-    assert run.returncode == 2 and len(lines) == 1, (run.returncode, (run.stdout + run.stderr)[-3000:])
-    assert expected in lines[0], lines[0]
-    assert "Traceback" not in run.stdout + run.stderr
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert_one_line_error(tmp_path, *TINY, *overrides, expected=expected, ngpu=ngpu, comm_mode=comm_mode)

@@ -318,7 +318,6 @@ def test_toml_with_utf8_byte_order_mark(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--parallelism.pipeline_parallel_degree", "2"], "parallelism.pipeline_parallel_degree=2"),
         (["--parallelism.context_parallel_degree", "2"], "parallelism.context_parallel_degree=2"),
         (["--parallelism.expert_parallel_degree", "4"], "parallelism.expert_parallel_degree=4"),
         (["--parallelism.expert_tensor_parallel_degree", "2"], "parallelism.expert_tensor_parallel_degree=2"),

@@ -95,7 +95,6 @@ _UNBUILT_CONVERTERS = ("quantize.grouped_mm.float8", "quantize.grouped_mm.mx")
 # Only the switch is refused; the fields that merely parametrize a feature stay accepted while it is
 # off, because torchtitan's own TOML files set them. A feature's issue removes its row when it lands.
 NOT_BUILT: dict[str, Rule] = {
-    "parallelism.pipeline_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.context_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.expert_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.expert_tensor_parallel_degree": (lambda v: v > 1, "set it to 1"),

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._composable.replicate import replicate
+from torch.distributed._composable.replicate_with_fsdp import replicate as fsdp_replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -85,8 +86,17 @@ def _sum_allreduce_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> to
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, compile_enabled: bool = False) -> None:
-    """Replicate `model` over a 1-D mesh with DDP, summing gradients."""
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, compile_enabled: bool = False, pp_enabled: bool = False) -> None:
+    """Replicate `model` over a 1-D mesh with DDP, summing gradients.
+
+    Under PP the pipeline schedule drives gradient synchronization itself, which it does for FSDP-style
+    modules: there the part is replicated with `replicate_with_fsdp` (FSDP2 machinery, no sharding).
+    """
+    if pp_enabled:
+        fsdp_replicate(model, mesh=dp_mesh)
+        disable_fsdp_gradient_division(model)
+        logger.info("Applied DDP (FSDP-style replicate, for the pipeline schedule) over mesh dp_replicate")
+        return
     if compile_enabled:
         # Split compiled graphs at DDP bucket boundaries so communication overlaps compute.
         torch._dynamo.config.optimize_ddp = "ddp_optimizer"

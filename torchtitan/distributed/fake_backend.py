@@ -55,6 +55,37 @@ def _layout_lines(model: torch.nn.Module) -> list[str]:
     return lines
 
 
+def _pipeline_rank0(model: torch.nn.Module, parallel_dims: ParallelDims, job_config: Any,
+                    spec: Any) -> list[torch.nn.Module]:
+    """Log every PP rank's stages, their layers and the schedule; return rank 0's parts, parallelized."""
+    from torchtitan.distributed import pipeline_parallel as ppl
+
+    fn = spec.pipelining_fn
+    if fn is None:
+        raise ConfigError(f"--parallelism.pipeline_parallel_degree={parallel_dims.pp}: model "
+                          f"{job_config.model.name} has no pipelining_fn; set it to 1")
+    # The model's module paths, bound in its pipelining_fn (a functools.partial of `pipeline_model`).
+    names = getattr(fn, "keywords", None) or {}
+    if not {"input_modules", "output_modules", "layers_attr"} <= names.keys():
+        raise ConfigError(f"model {job_config.model.name}: its pipelining_fn does not bind input_modules, "
+                          "output_modules and layers_attr, so the fake backend cannot plan its stages; "
+                          "set --parallelism.pipeline_parallel_degree=1")
+    pp, pc = parallel_dims.pp, job_config.parallelism
+    layers_attr = names["layers_attr"]
+    cls, parts_fqns = ppl.plan_stages(model, pp, len(getattr(model, layers_attr)), job_config,
+                                      names["input_modules"], names["output_modules"], layers_attr)
+    n_micro = job_config.training.local_batch_size // pc.pipeline_parallel_microbatch_size
+    v_style = issubclass(cls, ppl.V_SCHEDULES)
+    schedule = f"{cls.__name__}, {n_micro} microbatches"
+    for rank in range(pp):
+        stage_ids = ppl.stage_ids_this_rank(rank, pp, len(parts_fqns), v_style)
+        logger.info("[fake_backend] " + ppl.describe_rank(rank, stage_ids, parts_fqns, schedule))
+    return [
+        spec.parallelize_fn(ppl.split_module(model, parts_fqns[sid], layers_attr), parallel_dims, job_config)
+        for sid in ppl.stage_ids_this_rank(0, pp, len(parts_fqns), v_style)
+    ]
+
+
 def dry_run(job_config: Any, world_size: int | None = None) -> dict[str, Any]:
     """Validate `job_config` for `world_size` ranks (default: `fake_world_size()`) as rank 0 would.
 
@@ -78,15 +109,19 @@ def dry_run(job_config: Any, world_size: int | None = None) -> dict[str, Any]:
     try:
         parallel_dims.build_mesh()
         build_model_converters(job_config, parallel_dims).convert(model)
-        model = spec.parallelize_fn(model, parallel_dims, job_config)
         total = sum(p.numel() for p in model.parameters())
-        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+        if parallel_dims.pp_enabled:
+            parts = _pipeline_rank0(model, parallel_dims, job_config, spec)
+        else:
+            parts = [spec.parallelize_fn(model, parallel_dims, job_config)]
+        params = [p for part in parts for p in part.parameters()]
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
         mesh = parallel_dims.world_mesh
         logger.info(f"[fake_backend] {parallel_dims.describe()}")
         logger.info(f"[fake_backend] mesh: {None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape))}")
         logger.info(f"[fake_backend] model {job_config.model.name}/{job_config.model.flavor}: {total:,} parameters, "
                     f"{local:,} on rank 0")
-        logger.info("[fake_backend] parameter layout (rank 0):\n" + "\n".join(_layout_lines(model)))
+        logger.info("[fake_backend] parameter layout (rank 0):\n" + "\n".join(line for part in parts for line in _layout_lines(part)))
         logger.info("[fake_backend] dry run OK: the layout is valid; no step was run")
     finally:
         if owns_group and dist.is_initialized():

@@ -252,11 +252,3 @@ def validate_model(parallel_dims: ParallelDims, model_args: Any, job_config: Any
                 f"use e.g. --{key}={math.ceil(seq_len / divisor) * divisor}"
             )
     gradient_accumulation_steps(job_config.training, parallel_dims.dp_world_size)
-    local = job_config.training.local_batch_size
-    if parallel_dims.pp_enabled:
-        micro = job_config.parallelism.pipeline_parallel_microbatch_size
-        if local % micro != 0:
-            raise ConfigError(
-                f"--training.local_batch_size={local} must be divisible by "
-                f"--parallelism.pipeline_parallel_microbatch_size={micro}"
-            )

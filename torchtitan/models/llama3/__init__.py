@@ -6,6 +6,7 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
+from torchtitan.models.llama3.infra.pipeline import pipeline_llama
 from torchtitan.models.llama3.model.args import RoPEScalingArgs, TransformerModelArgs
 from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
@@ -56,7 +57,7 @@ register_train_spec(
         model_cls=Transformer,
         model_args=llama3_args,
         parallelize_fn=parallelize_llama,
-        pipelining_fn=None,
+        pipelining_fn=pipeline_llama,
         build_optimizers_fn=build_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_text_dataloader,

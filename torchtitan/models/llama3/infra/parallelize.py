@@ -152,5 +152,8 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
             reshard_after_forward_policy=job_config.parallelism.fsdp_reshard_after_forward,
         )
     elif parallel_dims.dp_replicate_enabled:
-        apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), compile_enabled=compile_model)
+        apply_ddp(
+            model, parallel_dims.get_mesh("dp_replicate"), compile_enabled=compile_model,
+            pp_enabled=parallel_dims.pp_enabled,
+        )
     return model

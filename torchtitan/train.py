@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
 
             dry_run(job_config)
             return 0
+        if job_config.memory_estimation.enable:
+            from torchtitan.tools.memory_estimation import log_memory_estimate
+
+            log_memory_estimate(job_config, int(os.environ.get("WORLD_SIZE", "1")))
         trainer = Trainer(job_config)
         trainer.train()
         clean = True

@@ -1,10 +1,12 @@
-"""The validation loop through run_train.sh: it does not perturb training, its loss is the same under
+"""The validation loop through run_train.sh (and `[memory_estimation] enable` logging its table at start-up):
+it does not perturb training, its loss is the same under
 FSDP 2, TP 2 and DDP 2 from one seed checkpoint, `steps = -1` evaluates every window of the split (its
 last global chunk partial, so ranks' shards differ) without a hang, and it writes its metrics records."""
 
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -65,7 +67,8 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, common, split) -> Run:
-    return run_train(tmp_path_factory.mktemp("single"), *common, *validation_flags(split))
+    """One process with validation (and the memory estimate at start-up, which must not perturb anything)."""
+    return run_train(tmp_path_factory.mktemp("single"), *common, *validation_flags(split), "--memory_estimation.enable")
 
 
 def test_validation_does_not_perturb_training(tmp_path, common, single, split):
@@ -82,6 +85,8 @@ def test_validation_does_not_perturb_training(tmp_path, common, single, split):
     assert records[1]["loss"] < records[0]["loss"]  # it measures the model that trains
     lines = [line for line in single.stdout.splitlines() + single.stderr.splitlines() if "validate  step:" in line]
     assert len(lines) == 2 and f"tokens: {windows * SEQ_LEN:,}" in lines[0] and "perplexity:" in lines[0]
+    log = single.stdout + single.stderr
+    assert "memory estimate per rank at world size 1" in log and re.search(r"peak\s+\d+\.\d+\s+\d+\.\d+", log)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

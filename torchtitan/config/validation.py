@@ -105,7 +105,6 @@ NOT_BUILT: dict[str, Rule] = {
         lambda names: any(n in _UNBUILT_CONVERTERS for n in names),
         f"remove {' / '.join(_UNBUILT_CONVERTERS)} from the list",
     ),
-    "memory_estimation.enable": (bool, "drop the flag"),
     "fault_tolerance.enable": (bool, "drop the flag"),
 }
 

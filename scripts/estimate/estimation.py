@@ -58,16 +58,20 @@ def suggest(job_config: JobConfig, world_size: int, device_memory_gib: float, to
             f"best: {command_line(plans[0], job_config, world_size)}")
 
 
+def report(args: argparse.Namespace, job_config: JobConfig) -> str:
+    """The planner's suggestions, or the estimate table of the job's own layout."""
+    if args.suggest:
+        return suggest(job_config, args.world_size, args.device_memory_gib, args.top)
+    estimate = estimate_memory(job_config, args.world_size)
+    title = f"{job_config.model.name}/{job_config.model.flavor} at world size {args.world_size}:"
+    return f"{title}\n{format_table(estimate, args.device_memory_gib)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Print the report; a config or input problem prints one `error:` line and returns 2."""
     init_logger()
     try:
-        args, job_config = parse_args(argv)
-        if args.suggest:
-            print(suggest(job_config, args.world_size, args.device_memory_gib, args.top))
-        else:
-            estimate = estimate_memory(job_config, args.world_size)
-            print(f"{job_config.model.name}/{job_config.model.flavor} at world size {args.world_size}:")
-            print(format_table(estimate, args.device_memory_gib))
+        print(report(*parse_args(argv)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from torchtitan.components.checkpoint_storage import TRAINING_STATES, Comm, load
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.distributed import utils as dist_utils
-from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.protocols.train_spec import build_meta_model, get_train_spec
 from torchtitan.tools.logging import init_logger, logger
 
@@ -84,6 +84,7 @@ def load_model(
     spec = get_train_spec(job_config.model.name)
     job_config.training.seq_len = max(job_config.training.seq_len, min_seq_len)
     args, model = build_meta_model(spec, job_config, tokenizer)
+    validate_model(parallel_dims, args, job_config)
     template = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in model.state_dict().items()}
     weights = _read_weights(checkpoint, template, spec, args)
     if parallel_dims.tp_enabled:

@@ -16,6 +16,7 @@ from torchtitan.components.checkpoint import CheckpointManager, validate_seed_ch
 from torchtitan.components.dataloader import DataExhaustedError
 from torchtitan.components.loss import TokenNormalizedLoss
 from torchtitan.components.metrics import build_metrics_processor
+from torchtitan.components.validate import build_validator_for
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.config.validation import gradient_accumulation_steps
 from torchtitan.distributed import utils as dist_utils
@@ -116,6 +117,8 @@ class Trainer(Stateful):
         self.metrics = build_metrics_processor(
             job_config, pd, self.flops_per_token, self.device, _global_rank() == 0
         )
+        self.validator = build_validator_for(spec, job_config, pd, self.tokenizer, self.loss_fn, self.metrics,
+                                             self.device, self.autocast)
         logger.info(
             f"device {self.device}, world size {world_size}, model {job_config.model.name}/"
             f"{job_config.model.flavor}: {nparams:,} params, {self.flops_per_token:,} FLOPs/token; "
@@ -245,6 +248,8 @@ class Trainer(Stateful):
                     break
                 self.train_step(microbatches)
                 self.checkpointer.save(self.step, last_step=self.step == jc.training.steps)
+                if self.validator is not None and self.validator.should_validate(self.step):
+                    self.validator.validate(self.model_parts, self.step)
                 if profiler is not None:
                     profiler.step()
                 if snapshot is not None:
@@ -321,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
 
             dry_run(job_config)
             return 0
+        if job_config.memory_estimation.enable:
+            from torchtitan.tools.memory_estimation import log_memory_estimate
+
+            log_memory_estimate(job_config, int(os.environ.get("WORLD_SIZE", "1")))
         trainer = Trainer(job_config)
         trainer.train()
         clean = True

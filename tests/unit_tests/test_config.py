@@ -323,8 +323,6 @@ def test_toml_with_utf8_byte_order_mark(tmp_path):
         (["--parallelism.expert_tensor_parallel_degree", "2"], "parallelism.expert_tensor_parallel_degree=2"),
         (["--parallelism.enable_compiled_autograd"], "parallelism.enable_compiled_autograd=true"),
         (["--optimizer.early_step_in_backward"], "optimizer.early_step_in_backward=true"),
-        (["--validation.enable"], "validation.enable=true"),
-        (["--memory_estimation.enable"], "memory_estimation.enable=true"),
         (["--fault_tolerance.enable"], "fault_tolerance.enable=true"),
         (["--model.converters", "quantize.grouped_mm.float8"], "model.converters=['quantize.grouped_mm.float8']"),
         (["--model.converters", "quantize.grouped_mm.mx"], "model.converters=['quantize.grouped_mm.mx']"),

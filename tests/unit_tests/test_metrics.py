@@ -62,7 +62,7 @@ def _run_script(processor, clock) -> None:
         assert processor.should_log(step) == (step in windows)
         if step in windows:
             processor.log(step, 10.0 / step, 12.0 / step, torch.tensor(0.5 * step), lr=1e-3 * step)
-    processor.log_validation(4, 2.5, extra={"perplexity": 12.18})
+    processor.log_validation(4, 2.5, perplexity=12.18, n_tokens=4096, time_s=0.5)
 
 
 def _read_jsonl(path) -> list[dict]:
@@ -96,7 +96,7 @@ def test_jsonl_records(tmp_path, clock):
     validation = records[-1]
     assert validation["split"] == "validation"
     assert (validation["step"], validation["loss"], validation["perplexity"]) == (4, 2.5, 12.18)
-    assert validation["time_s"] == pytest.approx(11.0)
+    assert (validation["n_tokens"], validation["time_s"]) == (4096, 0.5)
 
 
 def test_explicit_token_count_extra_and_reset(tmp_path, clock):
@@ -218,6 +218,7 @@ def test_tensorboard_scalars(tmp_path, clock):
         "loss_metrics/global_avg_loss", "loss_metrics/global_max_loss", "grad_norm", "throughput(tps)", "tflops",
         "mfu(%)", "time_metrics/end_to_end(s)", "time_metrics/data_loading(s)", "time_metrics/data_loading(%)",
         "memory/max_active(GiB)", "memory/max_reserved(GiB)", "n_tokens_seen", "lr", "validation_metrics/loss",
+        "validation_metrics/perplexity",
     }
     assert expected_tags <= tags
 

@@ -38,6 +38,7 @@ def test_llama3_spec():
     from torchtitan.components.lr_scheduler import build_lr_schedulers
     from torchtitan.components.optimizer import build_optimizers
     from torchtitan.components.tokenizer import build_tokenizer
+    from torchtitan.components.validate import build_validator
     from torchtitan.models.llama3 import Llama3StateDictAdapter, Transformer, TransformerModelArgs, llama3_args
     from torchtitan.models.llama3.infra.parallelize import parallelize_llama
     from torchtitan.models.llama3.infra.pipeline import pipeline_llama
@@ -45,7 +46,9 @@ def test_llama3_spec():
     spec = get_train_spec("llama3")
     assert spec.model_cls is Transformer and spec.model_args is llama3_args
     assert set(spec.model_args) == {"debugmodel", "8B", "70B", "405B"}
-    assert (spec.parallelize_fn, spec.pipelining_fn, spec.build_validator_fn) == (parallelize_llama, pipeline_llama, None)
+    assert (spec.parallelize_fn, spec.pipelining_fn, spec.build_validator_fn) == (
+        parallelize_llama, pipeline_llama, build_validator
+    )
     assert spec.state_dict_adapter is Llama3StateDictAdapter
     assert (spec.build_optimizers_fn, spec.build_lr_schedulers_fn, spec.build_dataloader_fn) == (
         build_optimizers, build_lr_schedulers, build_text_dataloader

@@ -164,6 +164,7 @@ def _build(
     tokenizer: BaseTokenizer,
     job_config: Any,
     infinite: bool,
+    pad_last: bool = False,
 ) -> ParallelAwareDataloader:
     cfg = getattr(job_config, section)
     loader_cfg = job_config.training.dataloader
@@ -177,6 +178,7 @@ def _build(
         dp_world_size=dp_world_size,
         dp_rank=dp_rank,
         infinite=infinite,
+        pad_last=pad_last,
     )
     if folder is not None:
         tokens = open_token_files(folder, where.origin, tokenizer, job_config.model.hf_assets_path)
@@ -210,5 +212,8 @@ def build_text_dataloader(
 def build_text_validation_dataloader(
     dp_world_size: int, dp_rank: int, tokenizer: BaseTokenizer, job_config: Any, infinite: bool = False
 ) -> ParallelAwareDataloader:
-    """The validation dataloader: `validation.dataset`/`dataset_path`/`seq_len`/`local_batch_size`."""
-    return _build("validation", dp_world_size, dp_rank, tokenizer, job_config, infinite)
+    """The validation dataloader: `validation.dataset`/`dataset_path`/`seq_len`/`local_batch_size`.
+
+    A finite split ends with its last, partial global chunk padded (labels IGNORE_INDEX), so every complete
+    window is evaluated once and every rank yields the same number of batches, whatever the layout."""
+    return _build("validation", dp_world_size, dp_rank, tokenizer, job_config, infinite, pad_last=True)

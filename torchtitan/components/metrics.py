@@ -274,26 +274,32 @@ class MetricsProcessor:
         return record
 
     def log_validation(
-        self, step: int, loss: float | torch.Tensor, extra: dict[str, float] | None = None
+        self, step: int, loss: float, perplexity: float, n_tokens: int, time_s: float
     ) -> dict[str, Any]:
-        """Report a validation result for training step `step`; returns the metrics.jsonl record."""
-        loss = float(loss)
+        """Report a validation result for training step `step` (`time_s`: how long the validation took);
+        returns the metrics.jsonl record, which carries `"split": "validation"`."""
         mem = self.memory_monitor.get_peak_stats()
         record = {
             "split": "validation",
             "step": step,
             "loss": loss,
+            "perplexity": perplexity,
+            "n_tokens": n_tokens,
+            "time_s": time_s,
             "memory_gib": mem.max_reserved_gib,
-            "time_s": _now() - self.time_start,
-            **(extra or {}),
         }
-        scalars = {"validation_metrics/loss": loss, "validation_metrics/memory(GiB)": mem.max_reserved_gib}
-        scalars.update({f"validation_metrics/{k}": v for k, v in (extra or {}).items()})
+        scalars = {
+            "validation_metrics/loss": loss,
+            "validation_metrics/perplexity": perplexity,
+            "validation_metrics/n_tokens": n_tokens,
+            "validation_metrics/time(s)": time_s,
+            "validation_metrics/memory/max_reserved(GiB)": mem.max_reserved_gib,
+        }
         self._write(record, scalars, step)
         c = self.color
         logger.info(
-            f"{c.yellow}validate step: {step:2}  {c.green}loss: {loss:8.5f}  "
-            f"{c.turquoise}memory: {mem.max_reserved_gib:5.2f}GiB({mem.max_reserved_pct:.2f}%){c.reset}"
+            f"{c.yellow}validate  step: {step:2}  {c.green}loss: {loss:.4f}  {c.orange}perplexity: {perplexity:.1f}  "
+            f"{c.blue}tokens: {n_tokens:,}  {c.cyan}time: {time_s:.1f}s{c.reset}"
         )
         return record
 

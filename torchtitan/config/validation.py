@@ -104,8 +104,6 @@ NOT_BUILT: dict[str, Rule] = {
         lambda names: any(n in _UNBUILT_CONVERTERS for n in names),
         f"remove {' / '.join(_UNBUILT_CONVERTERS)} from the list",
     ),
-    "validation.enable": (bool, "drop the flag (there is no validation loop yet)"),
-    "memory_estimation.enable": (bool, "drop the flag"),
     "fault_tolerance.enable": (bool, "drop the flag"),
 }
 

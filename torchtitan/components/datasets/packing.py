@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import ConfigError
 from torchtitan.tools.logging import get_logger
@@ -127,7 +128,14 @@ class WindowDataset(IterableDataset):
     shuffle_seed: int | None = None
 
     def __init__(
-        self, name: str, seq_len: int, local_batch_size: int, dp_world_size: int, dp_rank: int, infinite: bool
+        self,
+        name: str,
+        seq_len: int,
+        local_batch_size: int,
+        dp_world_size: int,
+        dp_rank: int,
+        infinite: bool,
+        pad_last: bool = False,
     ):
         if seq_len < 1 or local_batch_size < 1:
             raise ConfigError(f"seq_len={seq_len} and local_batch_size={local_batch_size} must be positive")
@@ -139,12 +147,20 @@ class WindowDataset(IterableDataset):
         self.dp_world_size = dp_world_size
         self.dp_rank = dp_rank
         self.infinite = infinite
+        # A finite stream ending inside a global chunk yields that chunk too, its missing rows padded (see
+        # `batch`), so every window is used and every rank gets the same number of batches whatever the layout.
+        self.pad_last = pad_last and not infinite
         self._start = self._position = StreamPosition()
 
-    @staticmethod
-    def batch(windows: torch.Tensor) -> Batch:
-        """The (inputs, labels) of a LongTensor[L, seq_len + 1] of windows."""
-        return {"input": windows[:, :-1].contiguous()}, windows[:, 1:].contiguous()
+    def batch(self, windows: torch.Tensor) -> Batch:
+        """The (inputs, labels) of a LongTensor[rows, seq_len + 1] of windows; fewer than `local_batch_size`
+        rows (the padded last chunk) are completed by rows of token 0 whose labels are all IGNORE_INDEX."""
+        missing = self.local_batch_size - windows.shape[0]
+        inputs, labels = windows[:, :-1], windows[:, 1:]
+        if missing > 0:
+            inputs = torch.cat([inputs, inputs.new_zeros(missing, self.seq_len)])
+            labels = torch.cat([labels, labels.new_full((missing, self.seq_len), IGNORE_INDEX)])
+        return {"input": inputs.contiguous()}, labels.contiguous()
 
     def state_dict(self) -> dict[str, Any]:
         return self._position.to_dict()
@@ -167,8 +183,9 @@ class TextWindowDataset(WindowDataset):
         dp_world_size: int = 1,
         dp_rank: int = 0,
         infinite: bool = True,
+        pad_last: bool = False,
     ):
-        super().__init__(name, seq_len, local_batch_size, dp_world_size, dp_rank, infinite)
+        super().__init__(name, seq_len, local_batch_size, dp_world_size, dp_rank, infinite, pad_last)
         self.source = source
         self.tokenizer = tokenizer
 
@@ -182,13 +199,19 @@ class TextWindowDataset(WindowDataset):
         while True:
             keep = chunk % num_workers == worker
             rows = []
+            ended = False
             for i in range(per_rank * self.dp_world_size):
                 window = next(windows, None)
                 if window is None:
-                    return
+                    ended = True
+                    break
                 if keep and i in mine:
                     rows.append(window)
+            if ended and not (self.pad_last and i > 0):
+                return
             chunk += 1
             if keep:
                 self._position = stream.position
-                yield self.batch(torch.tensor(rows, dtype=torch.long))
+                yield self.batch(torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.seq_len + 1))
+            if ended:
+                return

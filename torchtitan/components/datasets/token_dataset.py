@@ -36,8 +36,9 @@ class TokenFileDataset(WindowDataset):
         dp_rank: int = 0,
         infinite: bool = True,
         shuffle_seed: int | None = None,
+        pad_last: bool = False,
     ):
-        super().__init__(name, seq_len, local_batch_size, dp_world_size, dp_rank, infinite)
+        super().__init__(name, seq_len, local_batch_size, dp_world_size, dp_rank, infinite, pad_last)
         self.tokens = tokens
         self.shuffle_seed = shuffle_seed
         self.windows_per_pass = tokens.num_tokens // (seq_len + 1)
@@ -71,11 +72,15 @@ class TokenFileDataset(WindowDataset):
         start = self._start.window
         for chunk in count(worker, num_workers):
             end = start + (chunk + 1) * chunk_len
-            if not self.infinite and end > self.windows_per_pass:
-                return
             first = end - chunk_len + self.dp_rank * per_rank
-            rows = np.empty((per_rank, n), dtype=np.int64)
-            for i in range(per_rank):
+            count_rows = per_rank
+            if not self.infinite and end > self.windows_per_pass:
+                if not self.pad_last or end - chunk_len >= self.windows_per_pass:
+                    return
+                count_rows = min(per_rank, max(0, self.windows_per_pass - first))
+                end = self.windows_per_pass
+            rows = np.empty((count_rows, n), dtype=np.int64)
+            for i in range(count_rows):
                 self.tokens.read_into(rows[i], self.window_start(first + i))
             self._position = self.position_after(end)
             yield self.batch(torch.from_numpy(rows))

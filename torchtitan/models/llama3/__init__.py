@@ -5,6 +5,7 @@ from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.components.validate import build_validator
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 from torchtitan.models.llama3.infra.pipeline import pipeline_llama
 from torchtitan.models.llama3.model.args import RoPEScalingArgs, TransformerModelArgs
@@ -63,7 +64,7 @@ register_train_spec(
         build_dataloader_fn=build_text_dataloader,
         build_tokenizer_fn=build_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
-        build_validator_fn=None,
+        build_validator_fn=build_validator,
         state_dict_adapter=Llama3StateDictAdapter,
     ),
 )

@@ -8,6 +8,7 @@ ranks of the microbatch losses) and gradient norm to --out as JSON.
     --save DIR           save_state(DIR) after them
     --load DIR --more M  then load_state(DIR) and run M more steps (recorded under "resumed")
     --check_errors       also record the one-line errors of layouts prepare() refuses
+Then 3 steps of our own llama3 Transformer (under "llama3"). --save also exports the HF model (DIR_hf).
 """
 
 from __future__ import annotations
@@ -93,13 +94,52 @@ def train(accelerator: Accelerator, model, optimizer, loader, scheduler, steps: 
     return records
 
 
-def refused_layouts(accelerator: Accelerator) -> dict[str, str]:
-    """prepare() of a module that has no TP plan, under TP."""
+def llama3_losses(tp: int, steps: int) -> list[float]:
+    """Our own llama3 Transformer through a second Accelerator (its parallelize_fn), plain loop."""
+    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plugin = TorchTitanPlugin(job_config={
+        "model": {"name": "llama3"},
+        "training": {"batch_size": GLOBAL_BATCH // (world // tp), "seq_len": SEQ},
+        "parallelism": {"tensor_parallel": tp, "data_parallel": world // tp},
+        "debug": {"seed": 7},
+    })
+    accelerator = Accelerator(torchtitan_plugin=plugin)
+    torch.manual_seed(0)
+    model = Transformer(TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                                             max_seq_len=SEQ))
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loader = DataLoader(Tokens(), batch_size=GLOBAL_BATCH // (world // tp))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    dp_mesh = accelerator.parallel_dims.get_mesh("dp")
+    losses = []
+    for _, batch in zip(range(steps), loader):
+        logits = model(batch["input_ids"])[:, :-1]  # the whole sequence: SP shards it over TP ranks
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = loss.detach()
+        if dp_mesh is not None:
+            dist.all_reduce(loss, group=dp_mesh.get_group())
+            loss /= dp_mesh.size()
+        losses.append(loss.item())
+    return losses
+
+
+def refused_layouts(accelerator: Accelerator, model: nn.Module) -> dict[str, str]:
+    """Under TP: prepare() of a module that has no TP plan; a sequence length SP cannot shard."""
     errors = {}
     try:
         accelerator.prepare(nn.Sequential(nn.Linear(4, 4)))
     except ConfigError as e:
         errors["generic_module_tp"] = str(e)
+    try:
+        model(input_ids=torch.zeros(1, SEQ - 1, dtype=torch.long))
+    except ConfigError as e:
+        errors["odd_sequence_length"] = str(e)
     return errors
 
 
@@ -118,11 +158,13 @@ def main() -> None:
     result = {"steps": train(accelerator, model, optimizer, loader, scheduler, args.steps)}
     if args.save:
         accelerator.save_state(args.save)
+        accelerator.save_model(model, args.save + "_hf")
     if args.load:
         accelerator.load_state(args.load)
         result["resumed"] = train(accelerator, model, optimizer, loader, scheduler, args.more)
     if args.check_errors:
-        result["errors"] = refused_layouts(accelerator)
+        result["errors"] = refused_layouts(accelerator, model)
+    result["llama3"] = llama3_losses(args.tp, 3)
     if accelerator.is_main_process:
         with open(args.out, "w") as f:
             json.dump(result, f)

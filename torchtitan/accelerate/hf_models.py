@@ -99,6 +99,23 @@ def _check_tp(model: nn.Module, tp: int) -> None:
             )
 
 
+def _sequence_check(tp: int) -> Any:
+    """Forward pre-hook: sequence parallel needs sequence lengths divisible by the TP degree (every TP
+    rank sees the same batch, so all of them raise alike instead of hanging in a collective)."""
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is not None and tokens.shape[1] % tp:
+            raise ConfigError(
+                f"sequence length {tokens.shape[1]} is not divisible by tensor_parallel_degree={tp} "
+                "(sequence parallel); pad batches to a multiple of it or set parallelism.sequence_parallel: false"
+            )
+
+    return check
+
+
 def parallelize_hf_model(
     model: nn.Module, parallel_dims: ParallelDims, job_config: Any, param_dtype: Any, reduce_dtype: Any
 ) -> nn.Module:
@@ -110,6 +127,8 @@ def parallelize_hf_model(
     if parallel_dims.tp_enabled:
         _check_tp(model, parallel_dims.tp)
         apply_tp_plan(model, parallel_dims.get_mesh("tp"), hf_tp_plan(parallel_dims.sequence_parallel_enabled))
+        if parallel_dims.sequence_parallel_enabled:
+            model.register_forward_pre_hook(_sequence_check(parallel_dims.tp), with_kwargs=True)
         logger.info(
             f"Applied tensor parallel to {type(model).__name__} (degree {parallel_dims.tp}, "
             f"sequence parallel {parallel_dims.sequence_parallel_enabled})"

@@ -66,8 +66,8 @@ def test_prepared_fsdp2_and_tp2_match_one_process_and_resume_across_layouts(tmp_
 
 @pytest.mark.parametrize("tensor_parallel", ["1", "2"], ids=["data_parallel2", "tensor_parallel2"])
 def test_example_loss_falls(tensor_parallel):
-    out = launch(EXAMPLE, 2, "--tensor_parallel", tensor_parallel, "--steps", "21")
+    out = launch(EXAMPLE, 2, "--tensor_parallel", tensor_parallel, "--steps", "11")
     losses = [float(x) for x in re.findall(r"Step \d+, Loss: ([\d.]+)", out)]
-    assert len(losses) == 3, out
+    assert len(losses) == 2, out
     assert losses[-1] < losses[0] - 0.1, losses
     assert "Training completed!" in out

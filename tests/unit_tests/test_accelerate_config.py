@@ -100,10 +100,13 @@ def assert_page_config(jc: JobConfig) -> None:
 def test_page_dict_and_toml_give_the_same_job_config(tmp_path, caplog):
     titan_logger = logging.getLogger("torchtitan")
     titan_logger.addHandler(caplog.handler)  # torchtitan's logger does not propagate
+    level = titan_logger.level
+    titan_logger.setLevel(logging.INFO)
     try:
         from_dict = TorchTitanPlugin(job_config=PAGE_CONFIG, model_name="llama3").job_config
     finally:
         titan_logger.removeHandler(caplog.handler)
+        titan_logger.setLevel(level)
     assert_page_config(from_dict)
     logged = caplog.text
     for key, ours in [("training.batch_size", "training.local_batch_size"),
@@ -298,3 +301,22 @@ def test_prepare_single_process_keeps_optimizer_and_order(tmp_path):
     accelerator.save_model(model, str(tmp_path / "export"))
     assert (tmp_path / "export" / "model.safetensors").is_file()
     assert accelerator.unwrap_model(model) is model
+
+
+def test_plugin_trainer_trains_the_custom_flavor(tmp_path):
+    """`TorchTitanPlugin(...).trainer()` is our Trainer, built from an Accelerate-shaped dict."""
+    plugin = TorchTitanPlugin(model_name="llama3", job_config={
+        "job": {"dump_folder": str(tmp_path)},
+        "model": {"embed_dim": 32, "num_layers": 1, "num_heads": 2},
+        "training": {"dataset": "shakespeare", "batch_size": 2, "seq_len": 32, "max_steps": 2,
+                     "mixed_precision_param": "float32"},
+        "lr_scheduler": {"warmup_steps": 1},
+    })
+    trainer = plugin.trainer()
+    try:
+        assert isinstance(trainer, Trainer)
+        assert (trainer.model_args.dim, trainer.model_args.n_layers) == (32, 1)
+        trainer.train()
+        assert trainer.step == 2
+    finally:
+        trainer.close()

@@ -7,7 +7,6 @@ from typing import Any
 
 from torchtitan.accelerate.config import resolve_job_config
 from torchtitan.config import JobConfig
-from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.tools.logging import init_logger, logger as root_logger
 
 
@@ -23,8 +22,14 @@ def ensure_logging() -> None:
 
 
 def set_gradient_accumulation(job_config: JobConfig, steps: int, n_ranks: int) -> None:
-    """Express `steps` microbatches per optimizer step as training.global_batch_size for `n_ranks` ranks."""
-    dp = ParallelDims.from_job_config(job_config, n_ranks).dp_world_size
+    """Express `steps` microbatches per optimizer step as training.global_batch_size for `n_ranks` ranks
+    (the degrees are checked against the world size later, by the Accelerator or the trainer)."""
+    p = job_config.parallelism
+    shard = p.data_parallel_shard_degree
+    if shard == -1:
+        others = p.data_parallel_replicate_degree * p.context_parallel_degree
+        shard = max(1, n_ranks // (others * p.tensor_parallel_degree * p.pipeline_parallel_degree))
+    dp = p.data_parallel_replicate_degree * shard
     job_config.training.global_batch_size = job_config.training.local_batch_size * steps * dp
 
 

@@ -161,7 +161,8 @@ def test_environment_and_precedence(monkeypatch, tmp_path):
     assert (p.tensor_parallel_degree, p.pipeline_parallel_degree, p.data_parallel_shard_degree) == (2, 1, 4)
     assert (jc.checkpoint.folder, jc.checkpoint.enable, jc.activation_checkpoint.mode) == ("/ck", True, "full")
     # env < explicit (both shapes), untouched keys keep the env value
-    jc = TorchTitanPlugin(job_config={"parallelism": {"tensor_parallel": 1, "data_parallel_shard_degree": 8}}).job_config
+    explicit = {"parallelism": {"tensor_parallel": 1, "data_parallel_shard_degree": 8}}
+    jc = TorchTitanPlugin(job_config=explicit).job_config
     assert (jc.parallelism.tensor_parallel_degree, jc.parallelism.data_parallel_shard_degree) == (1, 8)
     assert jc.checkpoint.folder == "/ck"
     # TORCHTITAN_CONFIG_PATH is used when no job_config is given; single env vars override it

@@ -296,7 +296,9 @@ class Accelerator:
         scale = self.gradient_accumulation_steps * self.parallel_dims.dp_world_size
         (loss / scale).backward(**kwargs)
 
-    def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    def clip_grad_norm_(
+        self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+    ) -> torch.Tensor:
         """Clip by the true global gradient norm over FSDP/TP shards; returns that norm."""
         return dist_utils.clip_grad_norm_(parameters, max_norm, norm_type)
 

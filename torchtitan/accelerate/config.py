@@ -208,8 +208,9 @@ def register_custom_flavor(model_name: str, base_flavor: str, fields: dict[str, 
 
     spec = get_train_spec(model_name)
     if base_flavor not in spec.model_args:
-        raise ConfigError(f"model.flavor={base_flavor!r} is not a flavor of {model_name!r}; choose one of "
-                          f"{sorted(spec.model_args)}")
+        raise ConfigError(
+            f"model.flavor={base_flavor!r} is not a flavor of {model_name!r}; choose one of {sorted(spec.model_args)}"
+        )
     base = spec.model_args[base_flavor]
     fields = dict(fields)
     size = fields.pop("intermediate_size", None)

@@ -8,6 +8,7 @@ ranks of the microbatch losses) and gradient norm to --out as JSON.
     --save DIR           save_state(DIR) after them
     --load DIR --more M  then load_state(DIR) and run M more steps (recorded under "resumed")
     --check_errors       also record the one-line errors of layouts prepare() refuses
+    --cpu_offload        FSDP with CPU offload (memory.cpu_offload)
 Then 3 steps of our own llama3 Transformer (under "llama3"). --save also exports the HF model (DIR_hf).
 """
 
@@ -39,7 +40,7 @@ class Tokens(Dataset):
         return {"input_ids": ids, "labels": ids.clone()}
 
 
-def build(tp: int) -> tuple[Accelerator, nn.Module, object, object, object]:
+def build(tp: int, cpu_offload: bool) -> tuple[Accelerator, nn.Module, object, object, object]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = world // tp
     plugin = TorchTitanPlugin(
@@ -47,6 +48,7 @@ def build(tp: int) -> tuple[Accelerator, nn.Module, object, object, object]:
             "training": {"batch_size": GLOBAL_BATCH // dp, "seq_len": SEQ},
             "parallelism": {"tensor_parallel": tp, "data_parallel": dp},
             "activation_checkpoint": {"mode": "full"},
+            "memory": {"cpu_offload": cpu_offload},
             "debug": {"seed": 7},
         }
     )
@@ -95,14 +97,15 @@ def train(accelerator: Accelerator, model, optimizer, loader, scheduler, steps: 
 
 
 def llama3_losses(tp: int, steps: int) -> list[float]:
-    """Our own llama3 Transformer through a second Accelerator (its parallelize_fn), plain loop."""
+    """Our own llama3 Transformer through a second Accelerator (its parallelize_fn), plain loop; without
+    TP the data-parallel ranks replicate (DDP) instead of sharding."""
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plugin = TorchTitanPlugin(job_config={
         "model": {"name": "llama3"},
         "training": {"batch_size": GLOBAL_BATCH // (world // tp), "seq_len": SEQ},
-        "parallelism": {"tensor_parallel": tp, "data_parallel": world // tp},
+        "parallelism": {"tensor_parallel": tp, "data_parallel": 1, "data_parallel_replicate_degree": world // tp},
         "debug": {"seed": 7},
     })
     accelerator = Accelerator(torchtitan_plugin=plugin)
@@ -151,10 +154,11 @@ def main() -> None:
     parser.add_argument("--load")
     parser.add_argument("--more", type=int, default=0)
     parser.add_argument("--check_errors", action="store_true")
+    parser.add_argument("--cpu_offload", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    accelerator, model, optimizer, loader, scheduler = build(args.tp)
+    accelerator, model, optimizer, loader, scheduler = build(args.tp, args.cpu_offload)
     result = {"steps": train(accelerator, model, optimizer, loader, scheduler, args.steps)}
     if args.save:
         accelerator.save_state(args.save)

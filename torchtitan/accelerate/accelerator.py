@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from torchtitan.accelerate.data import PreparedDataLoader
-from torchtitan.accelerate.hf_models import is_hf_causal_lm, parallelize_hf_model
+from torchtitan.accelerate.hf_models import fsdp_config, is_hf_causal_lm, parallelize_hf_model
 from torchtitan.accelerate.plugin import TorchTitanPlugin, ensure_logging, set_gradient_accumulation, world_size
 from torchtitan.accelerate.state import load_state, save_model, save_state
 from torchtitan.config import ConfigError
@@ -230,7 +230,7 @@ class Accelerator:
 
     def _parallelize_generic(self, model: nn.Module, param_dtype: torch.dtype) -> None:
         """Any other module: data parallelism on the whole module; TP needs a known architecture."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         pd = self.parallel_dims
         if pd.tp_enabled:
@@ -241,7 +241,7 @@ class Accelerator:
         if pd.fsdp_enabled:
             mesh = pd.get_mesh(("dp_replicate", "dp_shard_cp"))
             reduce_dtype = TORCH_DTYPES[self.job_config.training.mixed_precision_reduce]
-            fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype, reduce_dtype))
+            fully_shard(model, mesh=mesh, **fsdp_config(self.job_config, param_dtype, reduce_dtype))
             disable_fsdp_gradient_division(model)
         elif pd.dp_replicate_enabled:
             apply_ddp(model, pd.get_mesh("dp_replicate"))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -99,6 +100,14 @@ def _check_tp(model: nn.Module, tp: int) -> None:
             )
 
 
+def fsdp_config(job_config: Any, param_dtype: Any, reduce_dtype: Any) -> dict[str, Any]:
+    """fully_shard keyword arguments: mixed precision, and CPU offload when training.enable_cpu_offload."""
+    config: dict[str, Any] = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
+    if job_config.training.enable_cpu_offload:
+        config["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available())
+    return config
+
+
 def _sequence_check(tp: int) -> Any:
     """Forward pre-hook: sequence parallel needs sequence lengths divisible by the TP degree (every TP
     rank sees the same batch, so all of them raise alike instead of hanging in a collective)."""
@@ -142,10 +151,10 @@ def parallelize_hf_model(
         logger.info(f"Compiled each of the {len(blocks)} blocks with backend {job_config.compile.backend!r}")
     if parallel_dims.fsdp_enabled:
         mesh = parallel_dims.get_mesh(("dp_replicate", "dp_shard_cp"))
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        config = fsdp_config(job_config, param_dtype, reduce_dtype)
         for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=mesh, **config)
+        fully_shard(model, mesh=mesh, **config)
         disable_fsdp_gradient_division(model)
         logger.info(f"Applied {'HSDP' if mesh.ndim == 2 else 'FSDP'} to {type(model).__name__}")
     elif parallel_dims.dp_replicate_enabled:

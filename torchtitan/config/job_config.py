@@ -302,3 +302,18 @@ class JobConfig:
     experimental: Experimental = section(Experimental, "Experimental options")
     validation: Validation = section(Validation, "Validation during training")
     debug: Debug = section(Debug, "Seeds and determinism")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
+        """A validated JobConfig from nested dicts in the TOML schema, e.g. `{"training": {"steps": 5}}`;
+        same checks and one-line ConfigErrors (with did-you-mean) as the command line."""
+        from torchtitan.config.manager import ConfigManager
+
+        return ConfigManager(cls).parse_dict(data)
+
+    @classmethod
+    def from_toml(cls, path: str) -> "JobConfig":
+        """A validated JobConfig from a TOML file, exactly as `--job.config_file path` would give."""
+        from torchtitan.config.manager import ConfigManager
+
+        return ConfigManager(cls).parse_args(["--job.config_file", str(path)])

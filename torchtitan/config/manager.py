@@ -140,7 +140,17 @@ class ConfigManager:
         if config_file:
             values.update(self._from_toml(toml_data, config_file, schema, set(sections(cls))))
         values.update(self._from_cli(args, schema))
+        return self._build(cls, values)
 
+    def parse_dict(self, data: dict[str, Any], where: str = "the config dict") -> JobConfig:
+        """Build and validate a JobConfig from nested dicts in the TOML schema (`{"training": {"steps": 5}}`),
+        with the same checks, deprecation mapping and errors as a `--job.config_file` TOML file."""
+        cls = self._config_class([], data)
+        schema = leaves(cls)
+        return self._build(cls, self._from_toml(data, where, schema, set(sections(cls)), record_path=False))
+
+    def _build(self, cls: type, values: dict[str, Any]) -> JobConfig:
+        """Apply `values` (dotted key -> coerced value) over cls defaults, validate and finish."""
         config = cls()
         for key, value in values.items():
             *path, name = key.split(".")
@@ -181,10 +191,15 @@ class ConfigManager:
         return path
 
     def _from_toml(
-        self, data: dict[str, Any], path: str, schema: dict[str, Leaf], known_sections: set[str]
+        self,
+        data: dict[str, Any],
+        path: str,
+        schema: dict[str, Leaf],
+        known_sections: set[str],
+        record_path: bool = True,
     ) -> dict[str, Any]:
         where = f"in {path}"
-        out: dict[str, Any] = {"job.config_file": path}
+        out: dict[str, Any] = {"job.config_file": path} if record_path else {}
 
         def walk(table: dict[str, Any], prefix: str) -> None:
             for name, value in table.items():

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
@@ -117,8 +118,9 @@ class Trainer(Stateful):
         self.metrics = build_metrics_processor(
             job_config, pd, self.flops_per_token, self.device, _global_rank() == 0
         )
-        self.validator = build_validator_for(spec, job_config, pd, self.tokenizer, self.loss_fn, self.metrics,
-                                             self.device, self.autocast)
+        self.validator = build_validator_for(
+            spec, job_config, pd, self.tokenizer, self.loss_fn.loss_fn, self.metrics, self.device, self.autocast
+        )
         logger.info(
             f"device {self.device}, world size {world_size}, model {job_config.model.name}/"
             f"{job_config.model.flavor}: {nparams:,} params, {self.flops_per_token:,} FLOPs/token; "
@@ -172,6 +174,17 @@ class Trainer(Stateful):
                 loss = self.loss_fn(self.model_parts[0](inputs), labels)
                 loss.backward()
         return _full(loss.detach()).to(self.device)
+
+    def pp_eval_loss(self, model_parts: list[nn.Module], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Validation's forward under PP: the schedule's eval; the loss summed over the batch's label tokens,
+        shared from the last stage over the PP mesh."""
+        self.loss_fn.global_tokens = 1  # a sum; the next train step sets its own count again
+        losses: list[torch.Tensor] | None = [] if self.pp_has_last_stage else None
+        args = (inputs,) if self.pp_has_first_stage else ()
+        with self.train_context():
+            self.pp_schedule.eval(*args, target=labels if self.pp_has_last_stage else None, losses=losses)
+        loss = torch.stack([_full(x) for x in losses]).sum() if losses else torch.zeros((), device=self.device)
+        return torch.tensor(dist_utils.dist_sum(loss.to(self.device), self.parallel_dims.get_mesh("pp")), dtype=torch.float64)
 
     def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One optimizer step over `grad_accum_steps` microbatches; loss normalized by global tokens."""
@@ -249,7 +262,8 @@ class Trainer(Stateful):
                 self.train_step(microbatches)
                 self.checkpointer.save(self.step, last_step=self.step == jc.training.steps)
                 if self.validator is not None and self.validator.should_validate(self.step):
-                    self.validator.validate(self.model_parts, self.step)
+                    forward_loss = self.pp_eval_loss if self.pp_schedule is not None else None
+                    self.validator.validate(self.model_parts, self.step, forward_loss)
                 if profiler is not None:
                     profiler.step()
                 if snapshot is not None:

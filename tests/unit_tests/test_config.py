@@ -388,6 +388,11 @@ def test_cli_shape_errors():
         (["--metrics.log_freq", "0"], "metrics.log_freq = 0 is invalid"),
         (["--metrics.cpu_peak_tflops", "0"], "metrics.cpu_peak_tflops = 0.0 is invalid"),
         (["--validation.steps", "0"], "validation.steps = 0 is invalid"),
+        (
+            ["--validation.enable", "--parallelism.pipeline_parallel_degree", "2", "--validation.seq_len", "128",
+             "--training.seq_len", "64"],
+            "validation.seq_len = 128 is invalid; fix: use training.seq_len (64) under pipeline parallelism",
+        ),
         (["--checkpoint.load_step", "-2"], "checkpoint.load_step = -2 is invalid"),
     ],
 )

@@ -174,5 +174,13 @@ def validate(config: JobConfig) -> None:
         )
         lr.warmup_steps = total
 
+    v = config.validation
+    if v.enable and config.parallelism.pipeline_parallel_degree > 1:
+        # The pipeline schedule's stages keep the shapes of the training microbatches.
+        for key, value, train_value in (("local_batch_size", v.local_batch_size, t.local_batch_size),
+                                        ("seq_len", v.seq_len, t.seq_len)):
+            if value != train_value:
+                raise _fail(f"validation.{key}", value, f"training.{key} ({train_value}) under pipeline parallelism")
+
     config.model.converters = rename_converters(config.model.converters, "config")
     _refuse_unbuilt(config)

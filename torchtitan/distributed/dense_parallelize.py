@@ -138,7 +138,8 @@ def _copy_if_view(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch
 
 def _tie_output(model: nn.Module, names: DenseModuleNames) -> None:
     """Point the output head at the embedding's (now TP-distributed) weight again: TP replaced each
-    module's parameter separately, and both are row-sharded (Shard(0)) the same way."""
+    module's parameter separately, and both are row-sharded (Shard(0)) the same way. (A model must also
+    tie again after `to_empty`, which replaces parameters per module too.)"""
     embeddings, output = resolve_module(model, names.embeddings), resolve_module(model, names.output)
     if embeddings is not None and output is not None:
         output.weight = embeddings.weight

@@ -36,7 +36,14 @@ class HFTransformerModel(nn.Module):
         hf_model = cls._from_config(self.config, attn_implementation="sdpa", dtype=torch.float32)
         self.model = hf_model.model
         self.lm_head = hf_model.lm_head
-        if self.config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make the output head use the embedding's weight parameter when the config ties them.
+
+        `to_empty` gives every module a new parameter (meta -> real), which unties them; so does any
+        per-module parameter replacement, hence `init_weights` ties again."""
+        if self.config.tie_word_embeddings and self.model.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
@@ -62,9 +69,11 @@ class HFTransformerModel(nn.Module):
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Initialize as transformers does for these families: Linear and Embedding weights ~ N(0,
-        config.initializer_range), biases zero, RMSNorm weights (q/k norms included) one. The rotary
+        config.initializer_range), biases zero, RMSNorm weights (q/k norms included) one; a tied output
+        head is tied again first (after `to_empty`). The rotary
         inverse frequencies (a non-persistent buffer, garbage after `to_empty`) are recomputed from the
         config, with the config's rope scaling (e.g. llama3)."""
+        self.tie_weights()
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

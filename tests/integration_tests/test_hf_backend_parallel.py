@@ -22,7 +22,7 @@ from tests.integration_tests.test_parallel_components import _free_port, _job_co
 
 pytestmark = pytest.mark.slow
 
-STEPS, BATCH, SEQ, LR = 4, 4, 32, 3e-3
+STEPS, BATCH, SEQ, LR = 3, 4, 32, 3e-3
 RTOL = 1e-4
 FAMILIES = ("llama", "qwen2")  # qwen2: tied embeddings (and q/k/v bias)
 
@@ -145,9 +145,7 @@ TWO_RANK_CASES = {
     "fsdp2_ac_full_compile": {"dp_shard": 2, "ac": "full", "compile": True, "backend": "aot_eager"},
 }
 FOUR_RANK_CASES = {
-    "fsdp2_tp2": {"dp_shard": 2, "tp": 2},
-    "fsdp2_tp2_ac_every2_compile": {"dp_shard": 2, "tp": 2, "ac": "selective", "ac_option": "2", "compile": True,
-                                    "backend": "aot_eager"},
+    "fsdp2_tp2_ac_every2": {"dp_shard": 2, "tp": 2, "ac": "selective", "ac_option": "2"},
 }
 
 

@@ -100,7 +100,8 @@ class HFTransformerModelArgs(BaseModelArgs):
         against the job (architecture, sequence length, tokenizer); returns self."""
         source = job_config.hf_transformers.model
         config = load_hf_config(source)
-        architecture = (getattr(config, "architectures", None) or ["(none)"])[0]
+        architectures = getattr(config, "architectures", None) or [f"{config.model_type} model without `architectures`"]
+        architecture = architectures[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
                 f"{_model_key(source)} is a {architecture}, which the transformers modeling backend does not "

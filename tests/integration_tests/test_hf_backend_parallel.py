@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.hf_models import VOCAB, write_hf_model
-from tests.integration_tests.test_parallel_components import _free_port, _job_config, _loss_sum
+from tests.integration_tests.test_parallel_components import _job_config, _loss_sum, spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -124,17 +123,7 @@ def _worker(rank: int, world_size: int, port: int, folders: dict[str, str], case
 
 def _launch(world_size: int, cases: dict[str, dict], tmp_path: Path) -> dict[str, Any]:
     folders = {f: str(write_hf_model(tmp_path / f, f, tokenizer=False)) for f in FAMILIES}
-    out = tmp_path / "results.json"
-    user_threads = os.environ.pop("OMP_NUM_THREADS", None)  # ranks must pick 1 thread themselves
-    try:
-        mp.start_processes(
-            _worker, args=(world_size, _free_port(), folders, cases, str(out)), nprocs=world_size,
-            start_method="spawn",
-        )
-    finally:
-        if user_threads is not None:
-            os.environ["OMP_NUM_THREADS"] = user_threads
-    return json.loads(out.read_text())
+    return spawn_ranks(_worker, world_size, (folders, cases), tmp_path / "results.json")
 
 
 TWO_RANK_CASES = {

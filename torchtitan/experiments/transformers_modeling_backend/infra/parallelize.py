@@ -33,7 +33,7 @@ HF_MODULES = DenseModuleNames(
 def hf_module_names(model: nn.Module) -> DenseModuleNames:
     """HF_MODULES completed for this model: its q/k norms (Qwen3) and whether the output head is tied."""
     config = model.config
-    first_attention = model.model.layers[0].self_attn if len(model.model.layers) else None
+    first_attention = next((block.self_attn for block in model.blocks), None)
     head_norms = tuple(
         f"self_attn.{name}" for name in ("q_norm", "k_norm") if hasattr(first_attention, name)
     )

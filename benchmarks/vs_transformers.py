@@ -72,6 +72,21 @@ def run_steps(step: Callable[[torch.Tensor], None], tokens: torch.Tensor, steps:
     return steps * tokens.numel() / (time.perf_counter() - start)
 
 
+def measure(
+    steps: dict[str, Callable[[torch.Tensor], None]], tokens: torch.Tensor, cli: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float]]:
+    """Warm each step up, then alternate rounds of each; tokens/s per round, median and best per name."""
+    for step in steps.values():
+        run_steps(step, tokens, cli.warmup)
+    rounds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(cli.rounds):
+        for name, step in steps.items():
+            rounds[name].append(run_steps(step, tokens, cli.steps))
+    med = {name: statistics.median(r) for name, r in rounds.items()}
+    best = {name: max(r) for name, r in rounds.items()}
+    return rounds, med, best
+
+
 def compare(size: str, mode: str, cli: argparse.Namespace) -> None:
     args = SIZES[size]
     torch.manual_seed(0)
@@ -79,15 +94,8 @@ def compare(size: str, mode: str, cli: argparse.Namespace) -> None:
     compiled, bf16 = mode.startswith("compiled"), mode.endswith("bf16")
     steps = {"ours": make_step(ours, False, compiled, bf16), "transformers": make_step(theirs, True, compiled, bf16)}
     tokens = torch.randint(0, args.vocab_size, (cli.batch, cli.seq_len))
-    for step in steps.values():
-        run_steps(step, tokens, cli.warmup)
-    rounds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(cli.rounds):
-        for name, step in steps.items():
-            rounds[name].append(run_steps(step, tokens, cli.steps))
+    rounds, med, best = measure(steps, tokens, cli)
     nparams = sum(p.numel() for p in ours.parameters())
-    med = {name: statistics.median(r) for name, r in rounds.items()}
-    best = {name: max(r) for name, r in rounds.items()}
     print(
         f"{size} ({nparams / 1e6:.1f}M) {mode}: ours {med['ours']:.0f} tok/s (best {best['ours']:.0f}), "
         f"transformers {med['transformers']:.0f} (best {best['transformers']:.0f}); "
@@ -97,16 +105,21 @@ def compare(size: str, mode: str, cli: argparse.Namespace) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="debug,100M", help=f"comma-separated, of {list(SIZES)}")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
+def parse_cli(description: str, sizes: str = "debug,100M", modes: str = ",".join(MODES)) -> argparse.Namespace:
+    """The command line shared by the benchmarks that compare two models step for step."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", default=sizes, help=f"comma-separated, of {list(SIZES)}")
+    parser.add_argument("--modes", default=modes, help=f"comma-separated, of {MODES}")
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    cli = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    cli = parse_cli(__doc__.splitlines()[0])
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; batch {cli.batch} x "

@@ -6,3 +6,4 @@ Importing this module registers the built-in model families (TrainSpecs) and mod
 
 import torchtitan.components.quantization  # noqa: F401
 import torchtitan.models  # noqa: F401
+import torchtitan.experiments.transformers_modeling_backend  # noqa: F401

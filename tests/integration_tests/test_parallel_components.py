@@ -198,17 +198,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world_size: int, cases: dict[str, dict[str, Any]], tmp_path: Path) -> dict[str, Any]:
-    out = tmp_path / f"results_{world_size}.json"
+def spawn_ranks(worker: Any, world_size: int, args: tuple, out: Path) -> dict[str, Any]:
+    """Run `worker(rank, world_size, port, *args, str(out))` on `world_size` spawned ranks; the JSON at `out`."""
     user_threads = os.environ.pop("OMP_NUM_THREADS", None)  # ranks must pick 1 thread themselves
     try:
         mp.start_processes(
-            _worker, args=(world_size, _free_port(), cases, str(out)), nprocs=world_size, start_method="spawn"
+            worker, args=(world_size, _free_port(), *args, str(out)), nprocs=world_size, start_method="spawn"
         )
     finally:
         if user_threads is not None:
             os.environ["OMP_NUM_THREADS"] = user_threads
     return json.loads(out.read_text())
+
+
+def _launch(world_size: int, cases: dict[str, dict[str, Any]], tmp_path: Path) -> dict[str, Any]:
+    return spawn_ranks(_worker, world_size, (cases,), tmp_path / f"results_{world_size}.json")
 
 
 TWO_RANK_CASES: dict[str, dict[str, Any]] = {

@@ -27,7 +27,7 @@ def test_register_and_get(monkeypatch):
     assert (spec.build_validator_fn, spec.state_dict_adapter) == (None, None)
     with pytest.raises(ValueError, match="'tiny_model' is already registered"):
         register_train_spec("tiny_model", spec)
-    unknown = r"model.name='nope' is not a registered model; choose one of \[.*'llama3'.*'tiny_model'\]"
+    unknown = r"model.name='nope' is not a registered model; choose one of \[.*'llama3'.*'tiny_model'.*'transformers_modeling_backend'\]"
     with pytest.raises(ConfigError, match=unknown):
         get_train_spec("nope")
 

@@ -274,6 +274,14 @@ class Validation:
 
 
 @dataclass
+class HFTransformers:
+    model: str = opt(
+        "", "Hugging Face model (hub id, resolved through the local HF cache when offline, or a local folder with "
+        "config.json) trained with --model.name transformers_modeling_backend"
+    )
+
+
+@dataclass
 class Debug:
     seed: int | None = opt(None, "Seed for every RNG; None leaves RNGs unseeded")
     deterministic: bool = opt(False, "Use deterministic algorithms")
@@ -301,6 +309,7 @@ class JobConfig:
     fault_tolerance: FaultTolerance = section(FaultTolerance, "Fault tolerance (torchft)")
     experimental: Experimental = section(Experimental, "Experimental options")
     validation: Validation = section(Validation, "Validation during training")
+    hf_transformers: HFTransformers = section(HFTransformers, "Hugging Face transformers modeling backend")
     debug: Debug = section(Debug, "Seeds and determinism")
 
     @classmethod

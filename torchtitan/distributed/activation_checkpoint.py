@@ -12,6 +12,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from torchtitan.config.errors import ConfigError
+from torchtitan.distributed.module_paths import block_container
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
@@ -66,12 +67,13 @@ def ac_block_filter(ac_config: Any, n_blocks: int) -> list[bool] | None:
     return [(i + 1) % every == 0 for i in range(n_blocks)]
 
 
-def apply_ac(model: nn.Module, ac_config: Any, blocks_attr: str = "layers") -> None:
-    """Wrap the blocks in `model.<blocks_attr>` (a ModuleDict) per `ac_config` (mode, selective_ac_option).
+def apply_ac(model: nn.Module, ac_config: Any, blocks_path: str = "layers") -> None:
+    """Wrap the blocks in the container at dotted `blocks_path` (ModuleDict or ModuleList) per `ac_config`
+    (mode, selective_ac_option).
 
     Parameter FQNs gain `_checkpoint_wrapped_module.`; state_dict() and DCP strip it again.
     """
-    blocks: nn.ModuleDict = getattr(model, blocks_attr)
+    blocks = block_container(model, blocks_path)
     chosen = ac_block_filter(ac_config, len(blocks))
     wrap = _wrapper(ac_config)
     for i, (name, block) in enumerate(list(blocks.named_children())):

@@ -1,4 +1,4 @@
-"""Per-block torch.compile, usable by any model whose repeated blocks live in one ModuleDict."""
+"""Per-block torch.compile, usable by any model whose repeated blocks live in one ModuleDict or ModuleList."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchtitan.distributed.module_paths import block_container
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
@@ -17,14 +18,14 @@ def model_compile_enabled(compile_config: Any) -> bool:
     return bool(compile_config.enable) and "model" in compile_config.components
 
 
-def apply_compile(model: nn.Module, compile_config: Any, blocks_attr: str = "layers") -> None:
+def apply_compile(model: nn.Module, compile_config: Any, blocks_path: str = "layers") -> None:
     """Compile each block separately (fullgraph): all blocks share one compiled graph, so compile time
     stays that of one block, and FSDP hooks stay outside the graphs.
 
     Blocks are compiled in place (`nn.Module.compile`), so parameter FQNs do not change.
     """
-    blocks: nn.ModuleDict = getattr(model, blocks_attr)
-    for block in blocks.values():
+    blocks = block_container(model, blocks_path)
+    for block in blocks.children():
         block.compile(backend=compile_config.backend, fullgraph=True)
     logger.info(f"Compiled each of the {len(blocks)} blocks with backend {compile_config.backend!r}")
 

@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from torchtitan.config.errors import ConfigError
+from torchtitan.distributed.module_paths import block_container, present_modules
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
@@ -30,11 +31,15 @@ def apply_fsdp(
     pp_enabled: bool = False,
     cpu_offload: bool = False,
     reshard_after_forward_policy: str = "default",
-    blocks_attr: str = "layers",
+    blocks_path: str = "layers",
     first_modules: tuple[str, ...] = ("tok_embeddings",),
     last_modules: tuple[str, ...] = ("norm", "output"),
 ) -> None:
     """Shard `model` with FSDP2: one group per block, one for the embeddings, one for norm+output, root.
+
+    Blocks live in the container at dotted `blocks_path`; `first_modules`/`last_modules` are dotted paths
+    whose module may be None (absent on this pipeline stage) but must exist. Modules left out of every
+    group (e.g. a tied embedding and output head, which must stay one parameter) belong to the root group.
 
     A 2-D `dp_mesh` (dp_replicate, dp_shard) gives HSDP. `reshard_after_forward_policy`: "always",
     "never", or "default" (reshard unless PP, which would re-gather for every microbatch). The last
@@ -54,14 +59,11 @@ def apply_fsdp(
         config["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available())
     reshard = {"always": True, "never": False, "default": not pp_enabled}[reshard_after_forward_policy]
 
-    def present(names: tuple[str, ...]) -> list[nn.Module]:
-        return [m for m in (getattr(model, n, None) for n in names) if m is not None]
-
-    for module in present(first_modules):
+    for module in present_modules(model, first_modules):
         fully_shard(module, reshard_after_forward=reshard, **config)
-    for block in getattr(model, blocks_attr).values():
+    for block in block_container(model, blocks_path).children():
         fully_shard(block, reshard_after_forward=reshard, **config)
-    last = present(last_modules)
+    last = present_modules(model, last_modules)
     if last:
         fully_shard(last, reshard_after_forward=reshard_after_forward_policy == "always", **config)
     fully_shard(model, **config)

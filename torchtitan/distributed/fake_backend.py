@@ -7,6 +7,7 @@ world size in NGPU (or WORLD_SIZE); the trainer calls `dry_run` when `comm.mode 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.tools.logging import get_logger, init_logger
 
 logger = get_logger(__name__)
+_BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # `layers.3.` (ours) or `model.layers.3.` (HF)
 
 
 def fake_world_size() -> int:
@@ -45,7 +47,8 @@ def _layout_lines(model: torch.nn.Module) -> list[str]:
     lines = []
     for name, p in model.named_parameters():
         clean = name.replace("_checkpoint_wrapped_module.", "")
-        if clean.startswith("layers.") and not clean.startswith("layers.0."):
+        block = _BLOCK_INDEX.search(clean)
+        if block is not None and block.group(1) != "0":
             continue
         if isinstance(p, DTensor):
             where = f"local {tuple(p.to_local().shape)} {p.placements} on {p.device_mesh.mesh_dim_names}"

@@ -228,11 +228,8 @@ class ParallelDims:
 def validate_model(parallel_dims: ParallelDims, model_args: Any, job_config: Any) -> None:
     """Check the layout against the model and batch shape; raises a one-line ConfigError."""
     tp = parallel_dims.tp
-    for attr in ("n_heads", "n_kv_heads"):
-        heads = getattr(model_args, attr, None)
-        if attr == "n_kv_heads" and heads is None:
-            heads = model_args.n_heads
-        if heads is not None and heads % tp != 0:
+    for attr, heads in model_args.tp_head_counts().items():
+        if heads % tp != 0:
             raise ConfigError(
                 f"--{FLAGS['tp']}={tp} must divide the model's {attr}={heads} "
                 f"(model {job_config.model.name} flavor {job_config.model.flavor}); pick a divisor of {heads}"

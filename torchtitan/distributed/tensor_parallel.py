@@ -18,6 +18,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from torchtitan.config.errors import ConfigError
+from torchtitan.distributed.module_paths import resolve_module
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
@@ -63,14 +64,16 @@ PLAIN_TP_STYLES = LinearTPStyles(ColwiseParallel, RowwiseParallel, PrepareModule
 
 
 def apply_tp_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> None:
-    """Apply a {module path (may contain `*`) -> style} plan, skipping paths whose module is None."""
+    """Apply a {dotted module path (may contain `*`) -> style} plan. A path whose module (or, for a `*`
+    path, whose block container) is None is skipped (absent on this pipeline stage); a path that does
+    not exist raises."""
     present = {path: style for path, style in plan.items() if _resolves(model, path)}
     parallelize_module(model, tp_mesh, present)
 
 
 def _resolves(model: nn.Module, path: str) -> bool:
-    head = path.split(".")[0]
-    return head == "*" or getattr(model, head, None) is not None
+    fixed = path.split(".*", 1)[0]
+    return fixed == "*" or resolve_module(model, fixed) is not None
 
 
 def check_async_tp(job_config: Any, device_type: str) -> None:

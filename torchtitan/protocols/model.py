@@ -20,6 +20,11 @@ class BaseModelArgs:
         """Return (number of parameters, training FLOPs per token) of `model` at `seq_len`."""
         raise NotImplementedError(f"{type(self).__name__} must implement get_nparams_and_flops")
 
+    def tp_head_counts(self) -> dict[str, int]:
+        """{name: count} of the head dimensions tensor parallelism splits (e.g. query and key/value heads),
+        which the TP degree must divide; empty for a model without attention heads."""
+        return {}
+
 
 @runtime_checkable
 class ModelProtocol(Protocol):

@@ -80,5 +80,8 @@ class TransformerModelArgs(BaseModelArgs):
                 "use the flavor's tokenizer or a flavor with a larger vocabulary"
             )
 
+    def tp_head_counts(self) -> dict[str, int]:
+        return {"n_heads": self.n_heads, "n_kv_heads": self.kv_heads}
+
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         return dense_nparams_and_flops(model, self.n_layers, self.n_heads, self.head_dim, seq_len)

@@ -1,0 +1,171 @@
+"""The transformers modeling backend under every data/tensor-parallel layout on CPU/gloo: from the same
+Hugging Face weights, a few AdamW steps of the parallelized model (built on meta, materialized, loaded)
+give the losses of plain transformers training on the whole batch in one process.
+
+One launch per world size (2 and 4 ranks) runs every layout of every family in turn; rank 0 writes the
+per-step losses as JSON and the tests compare them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.hf_models import VOCAB, write_hf_model
+from tests.integration_tests.test_parallel_components import _job_config, _loss_sum, spawn_ranks
+
+pytestmark = pytest.mark.slow
+
+STEPS, BATCH, SEQ, LR = 3, 4, 32, 3e-3
+RTOL = 1e-4
+FAMILIES = ("llama", "qwen2")  # qwen2: tied embeddings (and q/k/v bias)
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same batch every step, so the loss must fall."""
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels[:, :2] = -100  # ignored tokens must not count in the normalization
+    return [(tokens, labels)] * STEPS
+
+
+def _reference_losses(folder: str) -> list[float]:
+    """Plain transformers: from_pretrained, whole batch, torch AdamW."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
+    losses = []
+    for tokens, labels in _batches():
+        opt.zero_grad()
+        loss = _loss_sum(model(tokens).logits, labels) / int((labels != -100).sum())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _parallel_losses(folder: str, case: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The trainer's path: meta model -> parallelize -> to_empty -> init_weights -> load HF weights."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from torchtitan.distributed.parallel_dims import ParallelDims
+    from torchtitan.distributed.utils import dist_sum, loss_parallel_context
+    from torchtitan.experiments.transformers_modeling_backend.infra.parallelize import parallelize_hf_transformers
+    from torchtitan.experiments.transformers_modeling_backend.model.args import HFTransformerModelArgs
+    from torchtitan.experiments.transformers_modeling_backend.model.model import HFTransformerModel
+    from torchtitan.experiments.transformers_modeling_backend.model.state_dict_adapter import (
+        HFTransformerStateDictAdapter,
+    )
+
+    jc = _job_config(case)
+    jc.hf_transformers.model = folder
+    args = HFTransformerModelArgs().update_from_config(jc)
+    with torch.device("meta"):
+        model = HFTransformerModel(args)
+    dims = ParallelDims.from_job_config(jc, world_size)
+    model = parallelize_hf_transformers(model, dims, jc)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    weights = HFTransformerStateDictAdapter(args, folder).from_hf(load_file(os.path.join(folder, "model.safetensors")))
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    params = list(model.parameters())
+    embed = model.model.embed_tokens.weight
+    opt = torch.optim.AdamW(params, lr=LR, foreach=False)
+    dp, dp_rank = dims.dp_world_size, dims.dp_rank()
+    rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
+    losses = []
+    for tokens, labels in _batches():
+        opt.zero_grad()
+        with loss_parallel_context(dims):
+            loss = _loss_sum(model(tokens[rows]), labels[rows]) / int((labels != -100).sum())
+            loss.backward()
+        opt.step()
+        loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
+        losses.append(float(dist_sum(loss.detach(), dims.get_mesh("dp"))))
+    return {
+        "losses": losses,
+        "n_params": len(params),
+        "tied_one_param": model.lm_head.weight is embed and embed in params,
+    }
+
+
+def _worker(rank: int, world_size: int, port: int, folders: dict[str, str], cases: dict[str, dict], out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    import torch.distributed as dist
+
+    from torchtitan.config import JobConfig
+    from torchtitan.distributed.utils import init_distributed
+
+    init_distributed(JobConfig().comm)
+    results: dict[str, Any] = {}
+    for family, folder in folders.items():
+        if rank == 0:
+            results[f"{family}/reference"] = {"losses": _reference_losses(folder)}
+        for name, case in cases.items():
+            results[f"{family}/{name}"] = _parallel_losses(folder, case, world_size)
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _launch(world_size: int, cases: dict[str, dict], tmp_path: Path) -> dict[str, Any]:
+    folders = {f: str(write_hf_model(tmp_path / f, f, tokenizer=False)) for f in FAMILIES}
+    return spawn_ranks(_worker, world_size, (folders, cases), tmp_path / "results.json")
+
+
+TWO_RANK_CASES = {
+    "fsdp2": {"dp_shard": 2},
+    "tp2": {"tp": 2},
+    "ddp2": {"dp_replicate": 2},
+    "tp2_no_sp_ac_op": {"tp": 2, "sp": False, "ac": "selective", "ac_option": "op"},
+    "fsdp2_ac_full_compile": {"dp_shard": 2, "ac": "full", "compile": True, "backend": "aot_eager"},
+}
+FOUR_RANK_CASES = {
+    "fsdp2_tp2_ac_every2": {"dp_shard": 2, "tp": 2, "ac": "selective", "ac_option": "2"},
+}
+
+
+@pytest.fixture(scope="module")
+def two_rank(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _launch(2, TWO_RANK_CASES, tmp_path_factory.mktemp("hf_two"))
+
+
+@pytest.fixture(scope="module")
+def four_rank(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _launch(4, FOUR_RANK_CASES, tmp_path_factory.mktemp("hf_four"))
+
+
+def _assert_matches_reference(results: dict[str, Any], family: str, case: str) -> None:
+    expected = results[f"{family}/reference"]["losses"]
+    actual = results[f"{family}/{case}"]["losses"]
+    assert len(actual) == len(expected) == STEPS
+    assert expected[-1] < expected[0]  # the steps trained
+    for step, (a, e) in enumerate(zip(actual, expected), 1):
+        assert abs(a - e) <= RTOL * abs(e), (family, case, step, actual, expected)
+    if family == "qwen2":
+        assert results[f"{family}/{case}"]["tied_one_param"], "the tied output head is no longer the embedding"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", sorted(TWO_RANK_CASES))
+def test_two_rank_layouts_match_transformers(two_rank: dict[str, Any], family: str, case: str) -> None:
+    _assert_matches_reference(two_rank, family, case)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", sorted(FOUR_RANK_CASES))
+def test_four_rank_layouts_match_transformers(four_rank: dict[str, Any], family: str, case: str) -> None:
+    _assert_matches_reference(four_rank, family, case)

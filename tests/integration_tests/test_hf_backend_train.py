@@ -1,0 +1,61 @@
+"""The transformers modeling backend through run_train.sh with its TOML: sharded HF safetensors (with an
+index) load into an FSDP x TP layout, the first loss is the loss transformers computes on the same batch,
+training lowers it, and the last step is exported as a folder transformers loads."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.hf_models import write_hf_model
+from tests.integration_tests.runner import REPO, TINY, run_train
+
+pytestmark = pytest.mark.slow
+CONFIG = REPO / "torchtitan/experiments/transformers_modeling_backend/train_configs/debug_model.toml"
+
+
+def _first_batch_loss(folder: Path, overrides: list[str], global_batch: int) -> float:
+    """transformers' mean token loss on the job's first global batch (the layout-independent order: the
+    same windows on one data-parallel rank)."""
+    import transformers
+
+    import torchtitan.builtins  # noqa: F401
+    from torchtitan.config import ConfigManager
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    jc = ConfigManager().parse_args(["--job.config_file", str(CONFIG), *overrides])
+    jc.training.local_batch_size = global_batch
+    spec = get_train_spec(jc.model.name)
+    loader = spec.build_dataloader_fn(1, 0, spec.build_tokenizer_fn(jc), jc)
+    inputs, labels = next(iter(loader))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(inputs["input"]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
+
+
+def test_toml_run_loads_sharded_hf_weights_into_fsdp_tp_and_exports(tmp_path):
+    folder = write_hf_model(tmp_path / "llama", "llama")
+    # re-save in several shards with model.safetensors.index.json
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    overrides = [
+        *TINY, "--training.steps", "3", "--training.local_batch_size", "2",
+        "--hf_transformers.model", str(folder), "--model.hf_assets_path", str(folder),
+    ]
+    run = run_train(
+        tmp_path / "out", *overrides, "--parallelism.data_parallel_shard_degree", "2",
+        "--parallelism.tensor_parallel_degree", "2", ngpu=4, config=CONFIG,
+    )
+    losses = run.losses()
+    assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1]
+    expected = _first_batch_loss(folder, overrides, global_batch=4)
+    assert abs(losses[1] - expected) <= 1e-4 * expected, (losses[1], expected)
+    export = tmp_path / "out" / "checkpoint" / "step-3"
+    assert (export / "tokenizer.json").is_file() and (export / "config.json").is_file()
+    trained = transformers.AutoModelForCausalLM.from_pretrained(export)
+    tokens = torch.arange(32).view(1, 32)
+    with torch.no_grad():
+        assert torch.isfinite(trained(tokens).logits).all()

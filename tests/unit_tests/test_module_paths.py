@@ -1,0 +1,42 @@
+"""Dotted module paths of the generic parallel helpers: ModuleList or ModuleDict containers, None modules
+skipped (absent on a pipeline stage), a path that does not exist an error."""
+
+import pytest
+import torch.nn as nn
+
+from torchtitan.config import JobConfig
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.module_paths import block_container, present_modules, resolve_module
+from torchtitan.distributed.tensor_parallel import _resolves
+
+
+def model() -> nn.Module:
+    root = nn.Module()
+    root.model = nn.Module()
+    root.model.embed_tokens = nn.Embedding(4, 2)
+    root.model.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+    root.model.norm = None  # removed, as a pipeline stage without it would have it
+    root.lm_head = nn.Linear(2, 4)
+    return root
+
+
+def test_paths_resolve_skip_none_and_reject_missing():
+    m = model()
+    assert resolve_module(m, "model.embed_tokens") is m.model.embed_tokens
+    assert present_modules(m, ("model.norm", "lm_head")) == [m.lm_head]
+    with pytest.raises(AttributeError, match="no module at 'model.nrom'"):
+        present_modules(m, ("model.nrom",))
+    assert _resolves(m, "model.layers.*.weight") and not _resolves(m, "model.norm")
+    with pytest.raises(AttributeError, match="'layerz'"):
+        _resolves(m, "model.layerz.*.q_proj")
+    with pytest.raises(TypeError, match="not a ModuleDict/ModuleList"):
+        block_container(m, "lm_head")
+
+
+def test_ac_wraps_blocks_of_a_module_list_at_a_dotted_path():
+    m = model()
+    ac = JobConfig().activation_checkpoint
+    ac.mode, ac.selective_ac_option = "selective", "2"
+    apply_ac(m, ac, "model.layers")
+    wrapped = ["_checkpoint_wrapped_module" in dict(b.named_children()) for b in m.model.layers]
+    assert wrapped == [False, True]

@@ -19,6 +19,7 @@ from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.config.validation import gradient_accumulation_steps
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.compile import disable_compile_caches_for_tp
+from torchtitan.distributed.context_parallel import build_context_parallel, rope_context
 from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.protocols.train_spec import build_meta_model, get_train_spec
@@ -97,6 +98,7 @@ class Trainer(Stateful):
         self.grad_accum_steps = gradient_accumulation_steps(tc, pd.dp_world_size)
         global_batch = self.grad_accum_steps * tc.local_batch_size * pd.dp_world_size
         self.autocast = _autocast_context(job_config, pd, self.device)
+        self.cp = build_context_parallel(pd, job_config, self.device.type)
         self.gc_handler = GarbageCollection(tc.gc_freq, tc.gc_debug)
         self.metrics = build_metrics_processor(
             job_config, pd, self.flops_per_token, self.device, _global_rank() == 0
@@ -137,6 +139,8 @@ class Trainer(Stateful):
         pd = self.parallel_dims
         self.optimizers.zero_grad()
         loss_mesh = pd.get_mesh("dp_cp")
+        if self.cp is not None:  # each CP rank keeps its share of every sequence; tokens counted after
+            microbatches = [self.cp.shard(inputs, labels) for inputs, labels in microbatches]
         local_tokens = sum(int((labels != -100).sum()) for _, labels in microbatches)
         global_tokens = int(dist_utils.dist_sum(local_tokens, loss_mesh))
         model = self.model_parts[0]
@@ -145,7 +149,8 @@ class Trainer(Stateful):
         for i, (inputs, labels) in enumerate(microbatches):
             if sync is not None:  # reduce gradients once, after the last microbatch
                 sync(i == len(microbatches) - 1)
-            with self.autocast, dist_utils.loss_parallel_context(pd):
+            rope = rope_context(self.cp, self.model_parts, self.job_config.training.seq_len)
+            with self.autocast, dist_utils.loss_parallel_context(pd), rope:
                 logits = model(inputs)
                 loss = self.loss_fn(logits, labels) / global_tokens
                 loss.backward()

@@ -60,6 +60,10 @@ _RULES: dict[str, Rule] = {
     "parallelism.tensor_parallel_degree": _at_least(1),
     "parallelism.pipeline_parallel_degree": _at_least(1),
     "parallelism.context_parallel_degree": _at_least(1),
+    "parallelism.context_parallel_load_balancer": (
+        lambda v: v is None or str(v).lower() in ("headtail", "none"),
+        "headtail or none",
+    ),
     "parallelism.expert_parallel_degree": _at_least(1),
     "parallelism.expert_tensor_parallel_degree": _at_least(1),
     "parallelism.pipeline_parallel_microbatch_size": _at_least(1),
@@ -96,7 +100,6 @@ _UNBUILT_CONVERTERS = ("quantize.grouped_mm.float8", "quantize.grouped_mm.mx")
 # off, because torchtitan's own TOML files set them. A feature's issue removes its row when it lands.
 NOT_BUILT: dict[str, Rule] = {
     "parallelism.pipeline_parallel_degree": (lambda v: v > 1, "set it to 1"),
-    "parallelism.context_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.expert_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.expert_tensor_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.enable_compiled_autograd": (bool, "drop the flag"),

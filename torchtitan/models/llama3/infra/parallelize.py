@@ -1,4 +1,4 @@
-"""Apply the parallel stack to a Llama 3 model: TP(+SP, loss parallel) -> AC -> compile -> FSDP2/HSDP/DDP."""
+"""Apply the parallel stack to a Llama 3 model: TP(+SP, loss parallel) -> CP -> AC -> compile -> FSDP2/HSDP/DDP."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torchtitan.components.quantization.float8 import linear_tp_styles
 from torchtitan.config.errors import ConfigError
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile, model_compile_enabled
+from torchtitan.distributed.context_parallel import apply_cp, build_context_parallel
 from torchtitan.distributed.data_parallel import apply_ddp, apply_fsdp
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.tensor_parallel import (
@@ -102,7 +103,7 @@ def _copy_if_view(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch
 
 
 def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: Any) -> nn.Module:
-    """Apply TP, activation checkpointing, per-block compile and data parallelism, in that order.
+    """Apply TP, CP attention, activation checkpointing, per-block compile and data parallelism, in that order.
 
     Works on a meta-device model (materialize with `to_empty` + `init_weights` afterwards) as well as
     on an initialized one (all ranks must then hold the same weights).
@@ -131,6 +132,11 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
     elif job_config.parallelism.enable_async_tensor_parallel:
         check_async_tp(job_config, device_type)
         logger.warning("--parallelism.enable_async_tensor_parallel has no effect without tensor parallelism")
+
+    # CP: context-parallel attention in every block (inputs and RoPE are sharded by the trainer).
+    cp = build_context_parallel(parallel_dims, job_config, device_type)
+    if cp is not None:
+        apply_cp(model, cp)
 
     # 2. AC before compile, so each compiled block graph contains its checkpointed region.
     apply_ac(model, job_config.activation_checkpoint)

@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from tests.unit_tests.test_checkpoint_hf import VOCAB, build_llama, llama_args
 from torchtitan.config import ConfigError
 from torchtitan.distributed.context_parallel import (
     AllGatherKVAttention,
@@ -20,8 +19,11 @@ from torchtitan.distributed.context_parallel import (
     resolve_implementation,
     token_positions,
 )
+from torchtitan.models.attention import ScaledDotProductAttention
+from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
 SEQ = 16
+VOCAB = 128
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -77,11 +79,13 @@ def _check_llama(mesh, balancer: str) -> None:
     """A GQA Llama with CP attention, sharded tokens and its RoPE table at the true positions: logits equal
     the full model's rows, and parameter gradients summed over ranks equal the full model's."""
     torch.manual_seed(0)
-    args = llama_args()
-    full, cp_model = build_llama(args), build_llama(args)
+    args = TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
+                                max_seq_len=2 * SEQ)
+    full, cp_model = Transformer(args), Transformer(args)
+    full.init_weights()
     cp_model.load_state_dict(full.state_dict())
     cp = ContextParallel(mesh, balancer, "allgather_kv")
-    apply_cp(cp_model, cp)
+    apply_cp(cp_model, cp, ScaledDotProductAttention)
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     ref = full(tokens)
     ref.sum().backward()
@@ -113,4 +117,4 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_cp_attention_and_model_match_one_process(tmp_path, world):
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(world, str(tmp_path)), nprocs=world)
+    mp.start_processes(_worker, args=(world, str(tmp_path)), nprocs=world, start_method="fork")

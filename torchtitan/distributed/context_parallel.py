@@ -25,7 +25,6 @@ from torch.distributed._functional_collectives import all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 from torchtitan.config.errors import ConfigError
-from torchtitan.models.attention import ScaledDotProductAttention
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
@@ -208,15 +207,14 @@ def build_context_parallel(parallel_dims: Any, job_config: Any, device_type: str
     return ContextParallel(parallel_dims.get_mesh("cp"), balancer, impl, p.context_parallel_rotate_method)
 
 
-def apply_cp(model: nn.Module, cp: ContextParallel) -> None:
-    """Replace every ScaledDotProductAttention in `model` by `cp`'s context-parallel attention."""
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, ScaledDotProductAttention)]
+def apply_cp(model: nn.Module, cp: ContextParallel, attention_cls: type[nn.Module]) -> None:
+    """Replace every `attention_cls` module (the model's causal SDPA) in `model` by `cp`'s CP attention."""
+    targets = [name for name, m in model.named_modules() if isinstance(m, attention_cls)]
     if not targets:
         raise ConfigError(
-            f"--{_KEY}_degree={cp.cp} needs a model whose attention is torchtitan's ScaledDotProductAttention; "
-            "set it to 1"
+            f"--{_KEY}_degree={cp.cp} needs a model whose attention is a {attention_cls.__name__} module; set it to 1"
         )
-    for name, _ in targets:
+    for name in targets:
         parent_name, _, child = name.rpartition(".")
         model.get_submodule(parent_name).register_module(child, cp.attention())
     logger.info(f"Applied {cp.summary()}")

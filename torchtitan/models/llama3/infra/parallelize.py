@@ -21,6 +21,7 @@ from torchtitan.distributed.compile import apply_compile, model_compile_enabled
 from torchtitan.distributed.context_parallel import apply_cp, build_context_parallel
 from torchtitan.distributed.data_parallel import apply_ddp, apply_fsdp
 from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.models.attention import ScaledDotProductAttention
 from torchtitan.distributed.tensor_parallel import (
     PLAIN_TP_STYLES,
     LinearTPStyles,
@@ -136,7 +137,7 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
     # CP: context-parallel attention in every block (inputs and RoPE are sharded by the trainer).
     cp = build_context_parallel(parallel_dims, job_config, device_type)
     if cp is not None:
-        apply_cp(model, cp)
+        apply_cp(model, cp, ScaledDotProductAttention)
 
     # 2. AC before compile, so each compiled block graph contains its checkpointed region.
     apply_ac(model, job_config.activation_checkpoint)

@@ -114,13 +114,22 @@ class AllGatherKVAttention(nn.Module):
         return torch.cat(outputs, dim=2)
 
 
-class _RepeatKVAttention(nn.Module):
-    """Causal SDPA with K/V heads repeated to the query heads: torch's ring attention takes no GQA."""
+class _CausalSDPA(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class _RepeatKV(nn.Module):
+    """Repeats K/V heads to the query heads on the local tensors, then calls `inner` (torch's ring
+    attention takes no GQA)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.inner(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
 
 
 def _torch_ring_attention(mesh: DeviceMesh, load_balancer: str, rotate_method: str) -> nn.Module:
@@ -133,7 +142,7 @@ def _torch_ring_attention(mesh: DeviceMesh, load_balancer: str, rotate_method: s
     torch_cp.set_rotate_method(rotate_method)
     torch_cp._enable_context_parallel_dispatcher()
     style = torch_cp._ContextParallel(seq_dim=2, attention_type=torch_cp._ContextParallel.AttentionType.SDPA)
-    return parallelize_module(_RepeatKVAttention(), mesh, style)
+    return _RepeatKV(parallelize_module(_CausalSDPA(), mesh, style))
 
 
 class ContextParallel:

@@ -77,10 +77,10 @@ LAYOUTS = [
     layout("fsdp2-grad-accum", dp_shard=2, accum=2),
     # CP2 itself is checked by test_cp_resume_across_layouts
     layout("cp4", cp=4),
-    layout("cp2-none-balancer-grad-accum", "--parallelism.context_parallel_load_balancer", "none", cp=2, accum=2),
-    layout("fsdp2-cp2", dp_shard=2, cp=2),
+    layout("fsdp2-cp2-none-balancer-grad-accum", "--parallelism.context_parallel_load_balancer", "none",
+           dp_shard=2, cp=2, accum=2),
     layout("cp2-tp2", cp=2, tp=2),
-    layout("cp2-sac-op-compile", "--activation_checkpoint.mode", "selective",
+    layout("cp2-sac-op-compile", "--activation_checkpoint.mode", "selective",  # 4 compiling ranks: 2x slower
            "--activation_checkpoint.selective_ac_option", "op", "--compile.enable", cp=2),
 ]
 
@@ -203,11 +203,6 @@ INVALID_LAYOUTS = [
     ("cpu-offload-without-fsdp", 2, ["--parallelism.data_parallel_replicate_degree", "2",
                                      "--parallelism.data_parallel_shard_degree", "1",
                                      "--training.enable_cpu_offload"], "enable_cpu_offload"),
-    ("seq-len-not-divisible-by-2cp", 2, ["--parallelism.context_parallel_degree", "2", "--training.seq_len", "66"],
-     "2 * context_parallel_degree=2"),
-    ("torch-ring-cp-on-cpu", 2, ["--parallelism.context_parallel_degree", "2",
-                                 "--parallelism.context_parallel_attention", "torch_ring"],
-     "context_parallel_attention=torch_ring needs CUDA"),
     ("async-tp-without-cuda-and-compile", 2, ["--parallelism.tensor_parallel_degree", "2",
                                               "--parallelism.enable_async_tensor_parallel"],
      "enable_async_tensor_parallel"),
@@ -226,3 +221,24 @@ def test_invalid_layout_is_one_line_error(tmp_path, comm_mode, ngpu, overrides, 
     assert expected in lines[0], lines[0]
     assert "Traceback" not in run.stdout + run.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+# CP's own checks, in dry runs only (one process each; the real runs raise the same errors from the same code).
+INVALID_CP_LAYOUTS = [
+    ("seq-len-not-divisible-by-2cp-tp", ["--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "68"],
+     "--training.seq_len=68 must be divisible by 8"),
+    ("torch-ring-on-cpu", ["--parallelism.context_parallel_attention", "torch_ring"],
+     "context_parallel_attention=torch_ring needs CUDA"),
+    ("alltoall-without-torch-ring", ["--parallelism.context_parallel_rotate_method", "alltoall"],
+     "context_parallel_rotate_method=alltoall applies only to torch_ring"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", [pytest.param(o, e, id=name) for name, o, e in INVALID_CP_LAYOUTS])
+def test_invalid_cp_layout_is_one_line_error(tmp_path, overrides, expected):
+    run = run_train(tmp_path, *TINY, "--parallelism.context_parallel_degree", "2", *overrides, ngpu=4,
+                    env={"COMM_MODE": "fake_backend"}, check=False)
+    lines = error_lines(run)
+    assert run.returncode == 2 and len(lines) == 1, (run.returncode, (run.stdout + run.stderr)[-3000:])
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in run.stdout + run.stderr

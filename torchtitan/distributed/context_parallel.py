@@ -81,12 +81,13 @@ class AllGatherKVAttention(nn.Module):
     def __init__(self, mesh: DeviceMesh, load_balancer: str):
         super().__init__()
         self.mesh = mesh
-        self.load_balancer = load_balancer
         self.cp = mesh.size()
         self.local_chunks = chunk_ids(load_balancer, self.cp, mesh.get_local_rank())
         per_rank = len(self.local_chunks)
-        slot_of = {c: r * per_rank + m for r in range(self.cp) for m, c in enumerate(chunk_ids(load_balancer, self.cp, r))}
-        # gathered slot (rank r, local chunk m) -> natural order of chunks
+        slot_of = {
+            c: r * per_rank + m for r in range(self.cp) for m, c in enumerate(chunk_ids(load_balancer, self.cp, r))
+        }
+        # natural_order[n]: the gathered slot (rank r, local chunk m -> r * per_rank + m) holding chunk n
         self.natural_order = [slot_of[c] for c in range(self.cp * per_rank)]
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:

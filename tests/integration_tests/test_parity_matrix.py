@@ -75,13 +75,11 @@ LAYOUTS = [
     layout("fsdp2-tp2-compile", "--compile.enable", dp_shard=2, tp=2),
     layout("fsdp2-cpu-offload", "--training.enable_cpu_offload", dp_shard=2),
     layout("fsdp2-grad-accum", dp_shard=2, accum=2),
-    # CP2 itself is checked by test_cp_resume_across_layouts
+    # CP 2 (plain, and with SAC + compile) is checked by the resume tests
     layout("cp4", cp=4),
     layout("fsdp2-cp2-none-balancer-grad-accum", "--parallelism.context_parallel_load_balancer", "none",
            dp_shard=2, cp=2, accum=2),
     layout("cp2-tp2", cp=2, tp=2),
-    layout("cp2-sac-op-compile", "--activation_checkpoint.mode", "selective",  # 4 compiling ranks: 2x slower
-           "--activation_checkpoint.selective_ac_option", "op", "--compile.enable", cp=2),
 ]
 
 
@@ -150,10 +148,13 @@ def test_resume_across_layouts(tmp_path, reference, fsdp4_first_half, lay):
 
 
 def test_cp_resume_across_layouts(tmp_path, seed, reference):
-    """CP 2 matches one process for 10 steps (each token counted once), and its checkpoint resumes under
-    FSDP 2 exactly (FSDP 4 -> CP 2 is in test_resume_across_layouts)."""
+    """CP 2 with op-level SAC and per-block compile matches one process for 10 steps (each token counted
+    once), and its checkpoint resumes under FSDP 2 exactly (FSDP 4 -> plain CP 2 is in
+    test_resume_across_layouts). One run for both saves a compiling job's start-up."""
     ref = reference.losses()
-    first = train(tmp_path / "cp2", CP2, "--training.steps", "10", "--checkpoint.enable",
+    first = train(tmp_path / "cp2", CP2, "--activation_checkpoint.mode", "selective",
+                  "--activation_checkpoint.selective_ac_option", "op", "--compile.enable",
+                  "--training.steps", "10", "--checkpoint.enable",
                   "--checkpoint.initial_load_path", seed, "--checkpoint.interval", "10",
                   "--checkpoint.no_last_save_model_only")
     assert_losses_close(first.losses(), ref, RTOL, steps=list(range(1, 11)))

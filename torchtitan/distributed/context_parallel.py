@@ -15,6 +15,7 @@ Attention, replacing every `ScaledDotProductAttention` of the model, in one of t
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +71,15 @@ def resolve_implementation(choice: str, rotate_method: str, device_type: str) ->
     return impl
 
 
+@functools.lru_cache(maxsize=8)
+def _causal_mask(size: int, end: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask [size, end] for the last `size` of `end` positions attending causally (query a sees
+    keys 0 .. end - size + a). One cached tensor per shape: SDPA saves its mask for backward, so every
+    layer then holds the same one (a boolean mask would be converted to a new float copy per layer)."""
+    allowed = torch.ones(size, end, dtype=torch.bool, device=device).tril(diagonal=end - size)
+    return torch.zeros(size, end, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
 class AllGatherKVAttention(nn.Module):
     """Causal attention for load-balanced local query chunks against the K/V of the whole CP group.
 
@@ -104,8 +114,7 @@ class AllGatherKVAttention(nn.Module):
         outputs = []
         for m, chunk in enumerate(self.local_chunks):
             end = (chunk + 1) * size
-            # query a (position chunk * size + a) sees keys 0 .. chunk * size + a
-            mask = torch.ones(size, end, dtype=torch.bool, device=q.device).tril(diagonal=chunk * size)
+            mask = _causal_mask(size, end, q.dtype, q.device)
             outputs.append(
                 F.scaled_dot_product_attention(
                     q[:, :, m * size : (m + 1) * size], k_all[:, :, :end], v_all[:, :, :end],

@@ -22,6 +22,7 @@ from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.config.validation import gradient_accumulation_steps
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.compile import disable_compile_caches_for_tp
+from torchtitan.distributed.context_parallel import build_context_parallel, rope_context
 from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.protocols.train_spec import build_meta_model, get_train_spec
@@ -114,6 +115,7 @@ class Trainer(Stateful):
         self.grad_accum_steps = gradient_accumulation_steps(tc, pd.dp_world_size)
         global_batch = self.grad_accum_steps * tc.local_batch_size * pd.dp_world_size
         self.autocast = _autocast_context(job_config, pd, self.device)
+        self.cp = build_context_parallel(pd, job_config, self.device.type)
         self.gc_handler = GarbageCollection(tc.gc_freq, tc.gc_debug)
         self.metrics = build_metrics_processor(
             job_config, pd, self.flops_per_token, self.device, _global_rank() == 0
@@ -152,18 +154,19 @@ class Trainer(Stateful):
         self.metrics.data_loading_times.append(time.perf_counter() - start)
         return batches
 
-    def train_context(self) -> contextlib.ExitStack:
-        """The contexts one forward + backward runs in: autocast, then loss parallel (the loss and its
-        backward need it). Context parallel enters its context here too."""
+    def train_context(self, seq_len: int | None = None) -> contextlib.ExitStack:
+        """The contexts one forward (+ backward) runs in: autocast, loss parallel (the loss and its backward
+        need it), and under CP the RoPE table of this rank's true positions in sequences of `seq_len`
+        (default `training.seq_len`) tokens."""
         stack = contextlib.ExitStack()
         stack.enter_context(self.autocast)
         stack.enter_context(dist_utils.loss_parallel_context(self.parallel_dims))
+        stack.enter_context(rope_context(self.cp, self.model_parts, seq_len or self.job_config.training.seq_len))
         return stack
 
     def forward_backward_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one local batch (the pipeline schedule under PP, its microbatches
         included). Returns the detached token-normalized loss; 0 on ranks without the last PP stage."""
-        # Context parallel: shard `inputs` and `labels` on the sequence dim here, before the forward.
         with self.train_context():
             if self.pp_schedule is not None:
                 losses: list[torch.Tensor] | None = [] if self.pp_has_last_stage else None
@@ -175,13 +178,19 @@ class Trainer(Stateful):
                 loss.backward()
         return _full(loss.detach()).to(self.device)
 
-    def pp_eval_loss(self, model_parts: list[nn.Module], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Validation's forward under PP: the schedule's eval; the loss summed over the batch's label tokens,
-        shared from the last stage over the PP mesh."""
-        self.loss_fn.global_tokens = 1  # a sum; the next train step sets its own count again
-        losses: list[torch.Tensor] | None = [] if self.pp_has_last_stage else None
-        args = (inputs,) if self.pp_has_first_stage else ()
-        with self.train_context():
+    @torch.no_grad()
+    def eval_loss(self, model_parts: list[nn.Module], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Validation's forward: this rank's loss summed over the batch's label tokens, through the same CP
+        sharding and PP schedule (its eval) as training; under PP shared from the last stage."""
+        seq_len = inputs.shape[1]
+        if self.cp is not None:
+            inputs, labels = self.cp.shard(inputs, labels)
+        with self.train_context(seq_len):
+            if self.pp_schedule is None:
+                return _full(self.loss_fn.loss_fn(model_parts[0](inputs), labels))
+            self.loss_fn.global_tokens = 1  # a sum; the next train step sets its own count again
+            losses: list[torch.Tensor] | None = [] if self.pp_has_last_stage else None
+            args = (inputs,) if self.pp_has_first_stage else ()
             self.pp_schedule.eval(*args, target=labels if self.pp_has_last_stage else None, losses=losses)
         loss = torch.stack([_full(x) for x in losses]).sum() if losses else torch.zeros((), device=self.device)
         return torch.tensor(dist_utils.dist_sum(loss.to(self.device), self.parallel_dims.get_mesh("pp")), dtype=torch.float64)
@@ -191,6 +200,8 @@ class Trainer(Stateful):
         pd = self.parallel_dims
         self.optimizers.zero_grad()
         loss_mesh = pd.get_mesh("dp_cp")
+        if self.cp is not None:  # each CP rank keeps its share of every sequence; tokens counted after
+            microbatches = [self.cp.shard(inputs, labels) for inputs, labels in microbatches]
         local_tokens = sum(int((labels != -100).sum()) for _, labels in microbatches)
         global_tokens = int(dist_utils.dist_sum(local_tokens, loss_mesh))
         self.loss_fn.global_tokens = global_tokens
@@ -262,8 +273,7 @@ class Trainer(Stateful):
                 self.train_step(microbatches)
                 self.checkpointer.save(self.step, last_step=self.step == jc.training.steps)
                 if self.validator is not None and self.validator.should_validate(self.step):
-                    forward_loss = self.pp_eval_loss if self.pp_schedule is not None else None
-                    self.validator.validate(self.model_parts, self.step, forward_loss)
+                    self.validator.validate(self.model_parts, self.step, self.eval_loss)
                 if profiler is not None:
                     profiler.step()
                 if snapshot is not None:

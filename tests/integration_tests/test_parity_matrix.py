@@ -34,18 +34,21 @@ class Layout(NamedTuple):
     overrides: list[str]
 
 
-def layout(name: str, *extra: str, dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1, accum: int = 1) -> Layout:
+def layout(
+    name: str, *extra: str, dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1, cp: int = 1, accum: int = 1
+) -> Layout:
     """A layout seeing the reference's global batch: local batch = global / (data-parallel degree x
-    gradient accumulation steps)."""
+    gradient accumulation steps); CP ranks share sequences, not batches."""
     dp = dp_replicate * dp_shard
     overrides = [
         "--parallelism.data_parallel_replicate_degree", str(dp_replicate),
         "--parallelism.data_parallel_shard_degree", str(dp_shard),
         "--parallelism.tensor_parallel_degree", str(tp),
+        "--parallelism.context_parallel_degree", str(cp),
         "--training.local_batch_size", str(GLOBAL_BATCH // (dp * accum)),
         *extra,
     ]
-    return Layout(name, dp * tp, overrides)
+    return Layout(name, dp * tp * cp, overrides)
 
 
 SINGLE = layout("single")
@@ -53,6 +56,7 @@ FSDP4 = layout("fsdp4", dp_shard=4)
 FSDP2_TP2 = layout("fsdp2-tp2", dp_shard=2, tp=2)
 DDP2 = layout("ddp2", dp_replicate=2)
 FSDP2 = layout("fsdp2", dp_shard=2)
+CP2 = layout("cp2", cp=2)
 LAYOUTS = [
     FSDP2,
     FSDP4,
@@ -71,6 +75,11 @@ LAYOUTS = [
     layout("fsdp2-tp2-compile", "--compile.enable", dp_shard=2, tp=2),
     layout("fsdp2-cpu-offload", "--training.enable_cpu_offload", dp_shard=2),
     layout("fsdp2-grad-accum", dp_shard=2, accum=2),
+    # CP 2 (plain, and with SAC + compile) is checked by the resume tests
+    layout("cp4", cp=4),
+    layout("fsdp2-cp2-none-balancer-grad-accum", "--parallelism.context_parallel_load_balancer", "none",
+           dp_shard=2, cp=2, accum=2),
+    layout("cp2-tp2", cp=2, tp=2),
 ]
 
 
@@ -126,7 +135,7 @@ def fsdp4_first_half(tmp_path_factory, seed) -> Run:
     )
 
 
-@pytest.mark.parametrize("lay", params([FSDP2_TP2, DDP2]))
+@pytest.mark.parametrize("lay", params([FSDP2_TP2, DDP2, CP2]))
 def test_resume_across_layouts(tmp_path, reference, fsdp4_first_half, lay):
     """Steps 11-20, resumed under another layout (model, optimizer and data position resharded), match the
     uninterrupted single-process run."""
@@ -136,6 +145,33 @@ def test_resume_across_layouts(tmp_path, reference, fsdp4_first_half, lay):
     run = train(tmp_path, lay, "--training.steps", "20", "--checkpoint.enable", "--checkpoint.load_only")
     assert_losses_close(run.losses(), ref, RTOL, steps=list(range(11, 21)))
     assert run.metrics()[0]["n_tokens_seen"] == 11 * TOKENS_PER_STEP
+
+
+def test_cp_resume_across_layouts(tmp_path, seed, reference):
+    """CP 2 with op-level SAC and per-block compile matches one process for 10 steps (each token counted
+    once), and its checkpoint resumes under FSDP 2 exactly (FSDP 4 -> plain CP 2 is in
+    test_resume_across_layouts). One run for both saves a compiling job's start-up."""
+    ref = reference.losses()
+    first = train(tmp_path / "cp2", CP2, "--activation_checkpoint.mode", "selective",
+                  "--activation_checkpoint.selective_ac_option", "op", "--compile.enable",
+                  "--training.steps", "10", "--checkpoint.enable",
+                  "--checkpoint.initial_load_path", seed, "--checkpoint.interval", "10",
+                  "--checkpoint.no_last_save_model_only")
+    assert_losses_close(first.losses(), ref, RTOL, steps=list(range(1, 11)))
+    assert first.metrics()[-1]["n_tokens_seen"] == 10 * TOKENS_PER_STEP
+    shutil.copytree(first.dump_folder / "checkpoint" / "step-10", tmp_path / "fsdp2" / "checkpoint" / "step-10")
+    run = train(tmp_path / "fsdp2", FSDP2, "--training.steps", "20", "--checkpoint.enable", "--checkpoint.load_only")
+    assert_losses_close(run.losses(), ref, RTOL, steps=list(range(11, 21)))
+
+
+def test_fake_backend_dry_run_of_cp(tmp_path):
+    """A CP 2 x TP 2 x FSDP 2 dry run prints the CP layout and every CP rank's head and tail chunks."""
+    run = run_train(tmp_path, "--parallelism.tensor_parallel_degree", "2", "--parallelism.context_parallel_degree",
+                    "2", "--training.seq_len", "64", ngpu=8, env={"COMM_MODE": "fake_backend"})
+    output = run.stdout + run.stderr
+    assert "cp=2" in output and "load balancer headtail, attention allgather_kv" in output, output[-3000:]
+    assert "cp rank 0: tokens [0, 16) + [48, 64) of 64" in output, output[-3000:]
+    assert "cp rank 1: tokens [16, 32) + [32, 48) of 64" in output, output[-3000:]
 
 
 def test_fake_backend_dry_run_of_64_ranks(tmp_path):
@@ -180,3 +216,20 @@ INVALID_LAYOUTS = [
 )
 def test_invalid_layout_is_one_line_error(tmp_path, comm_mode, ngpu, overrides, expected):
     assert_one_line_error(tmp_path, *TINY, *overrides, expected=expected, ngpu=ngpu, comm_mode=comm_mode)
+
+
+# CP's own checks, in dry runs only (one process each; the real runs raise the same errors from the same code).
+INVALID_CP_LAYOUTS = [
+    ("seq-len-not-divisible-by-2cp-tp", ["--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "68"],
+     "--training.seq_len=68 must be divisible by 8"),
+    ("torch-ring-on-cpu", ["--parallelism.context_parallel_attention", "torch_ring"],
+     "context_parallel_attention=torch_ring needs CUDA"),
+    ("alltoall-without-torch-ring", ["--parallelism.context_parallel_rotate_method", "alltoall"],
+     "context_parallel_rotate_method=alltoall applies only to torch_ring"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", [pytest.param(o, e, id=name) for name, o, e in INVALID_CP_LAYOUTS])
+def test_invalid_cp_layout_is_one_line_error(tmp_path, overrides, expected):
+    assert_one_line_error(tmp_path, *TINY, "--parallelism.context_parallel_degree", "2", *overrides, expected=expected,
+                          ngpu=4, comm_mode="fake_backend")

@@ -83,6 +83,7 @@ DEFAULTS = {
     "parallelism.context_parallel_degree": 1,
     "parallelism.context_parallel_load_balancer": "headtail",
     "parallelism.context_parallel_rotate_method": "allgather",
+    "parallelism.context_parallel_attention": "auto",
     "parallelism.expert_parallel_degree": 1,
     "parallelism.expert_tensor_parallel_degree": 1,
     "checkpoint.enable": False,
@@ -318,7 +319,6 @@ def test_toml_with_utf8_byte_order_mark(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--parallelism.context_parallel_degree", "2"], "parallelism.context_parallel_degree=2"),
         (["--parallelism.expert_parallel_degree", "4"], "parallelism.expert_parallel_degree=4"),
         (["--parallelism.expert_tensor_parallel_degree", "2"], "parallelism.expert_tensor_parallel_degree=2"),
         (["--parallelism.enable_compiled_autograd"], "parallelism.enable_compiled_autograd=true"),
@@ -379,6 +379,8 @@ def test_cli_shape_errors():
         (["--parallelism.tensor_parallel_degree", "0"], "parallelism.tensor_parallel_degree = 0 is invalid"),
         (["--parallelism.pipeline_parallel_degree", "-1"], "parallelism.pipeline_parallel_degree = -1 is invalid"),
         (["--parallelism.context_parallel_degree", "0"], "parallelism.context_parallel_degree = 0 is invalid"),
+        (["--parallelism.context_parallel_load_balancer", "ptrr"], "fix: use headtail or none"),
+        (["--parallelism.context_parallel_attention", "ring"], "parallelism.context_parallel_attention"),
         (["--optimizer.beta2", "1.0"], "optimizer.beta2 = 1.0 is invalid; fix: use a value in [0, 1)"),
         (["--optimizer.eps", "0"], "optimizer.eps = 0.0 is invalid"),
         (["--activation_checkpoint.selective_ac_option", "every"], "fix: use 'op' or a positive integer"),

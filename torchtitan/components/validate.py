@@ -101,11 +101,12 @@ class Validator:
                 done += 1
         for m, mode in zip(model_parts, modes):
             m.train(mode)
-        mesh = self.parallel_dims.get_mesh("dp_cp")
-        n_tokens = int(dist_sum(local_tokens, mesh))
+        # Every CP rank reads the same batches (data is split over dp only) and holds part of their loss.
+        pd = self.parallel_dims
+        n_tokens = int(dist_sum(local_tokens, pd.get_mesh("dp")))
         if n_tokens == 0:
             raise RuntimeError(f"validation at step {step} saw no label tokens; the validation split is empty")
-        loss = dist_sum(loss_sum, mesh) / n_tokens
+        loss = dist_sum(loss_sum, pd.get_mesh("dp_cp")) / n_tokens
         perplexity = math.exp(loss) if loss < 700 else math.inf
         elapsed = time.perf_counter() - start
         return self.metrics.log_validation(step, loss, perplexity, n_tokens, elapsed)

@@ -147,8 +147,16 @@ class Parallelism:
     pipeline_parallel_schedule_csv: str | None = opt("", "CSV file with a custom pipeline schedule")
     pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline microbatch")
     context_parallel_degree: int = opt(1, "Context (sequence) parallel degree")
-    context_parallel_load_balancer: str | None = opt("headtail", "CP load balancing of causal work (headtail or None)")
-    context_parallel_rotate_method: Literal["allgather", "alltoall"] = opt("allgather", "How CP shares K/V")
+    context_parallel_load_balancer: str | None = opt(
+        "headtail", "CP sequence sharding: headtail (2 x cp chunks, rank i gets i and 2cp-1-i) or none (contiguous)"
+    )
+    context_parallel_rotate_method: Literal["allgather", "alltoall"] = opt(
+        "allgather", "How torch_ring CP attention passes K/V between ranks"
+    )
+    context_parallel_attention: Literal["auto", "allgather_kv", "torch_ring"] = opt(
+        "auto", "CP attention: allgather_kv (ours, any device), torch_ring (CUDA); auto picks torch_ring on "
+        "CUDA, else allgather_kv (our addition)"
+    )
     expert_parallel_degree: int = opt(1, "Expert parallel degree (MoE)")
     expert_tensor_parallel_degree: int = opt(1, "Tensor parallel degree inside experts (MoE)")
 

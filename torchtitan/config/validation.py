@@ -60,6 +60,10 @@ _RULES: dict[str, Rule] = {
     "parallelism.tensor_parallel_degree": _at_least(1),
     "parallelism.pipeline_parallel_degree": _at_least(1),
     "parallelism.context_parallel_degree": _at_least(1),
+    "parallelism.context_parallel_load_balancer": (
+        lambda v: v is None or str(v).lower() in ("headtail", "none"),
+        "headtail or none",
+    ),
     "parallelism.expert_parallel_degree": _at_least(1),
     "parallelism.expert_tensor_parallel_degree": _at_least(1),
     "parallelism.pipeline_parallel_microbatch_size": _at_least(1),
@@ -95,7 +99,6 @@ _UNBUILT_CONVERTERS = ("quantize.grouped_mm.float8", "quantize.grouped_mm.mx")
 # Only the switch is refused; the fields that merely parametrize a feature stay accepted while it is
 # off, because torchtitan's own TOML files set them. A feature's issue removes its row when it lands.
 NOT_BUILT: dict[str, Rule] = {
-    "parallelism.context_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.expert_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.expert_tensor_parallel_degree": (lambda v: v > 1, "set it to 1"),
     "parallelism.enable_compiled_autograd": (bool, "drop the flag"),

@@ -15,6 +15,7 @@ from torchtitan.components.quantization.float8 import linear_tp_styles
 from torchtitan.config.errors import ConfigError
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile, model_compile_enabled
+from torchtitan.distributed.context_parallel import apply_cp, build_context_parallel
 from torchtitan.distributed.data_parallel import apply_ddp, apply_fsdp
 from torchtitan.distributed.module_paths import resolve_module
 from torchtitan.distributed.parallel_dims import ParallelDims
@@ -146,9 +147,16 @@ def _tie_output(model: nn.Module, names: DenseModuleNames) -> None:
 
 
 def parallelize_dense(
-    model: nn.Module, parallel_dims: ParallelDims, job_config: Any, names: DenseModuleNames
+    model: nn.Module,
+    parallel_dims: ParallelDims,
+    job_config: Any,
+    names: DenseModuleNames,
+    cp_attention: type[nn.Module] | None = None,
 ) -> nn.Module:
-    """Apply TP, activation checkpointing, per-block compile and data parallelism, in that order.
+    """Apply TP, CP attention, activation checkpointing, per-block compile and data parallelism, in that order.
+
+    `cp_attention` is the model's causal-attention module class, which context parallelism replaces
+    (None: the model does not support CP).
 
     Works on a meta-device model (materialize with `to_empty` + `init_weights` afterwards) as well as
     on an initialized one (all ranks must then hold the same weights). A tied output head stays one
@@ -182,6 +190,16 @@ def parallelize_dense(
     elif job_config.parallelism.enable_async_tensor_parallel:
         check_async_tp(job_config, device_type)
         logger.warning("--parallelism.enable_async_tensor_parallel has no effect without tensor parallelism")
+
+    # CP: context-parallel attention in every block (the trainer shards inputs, labels and RoPE positions).
+    cp = build_context_parallel(parallel_dims, job_config, device_type)
+    if cp is not None:
+        if cp_attention is None:
+            raise ConfigError(
+                f"--parallelism.context_parallel_degree={parallel_dims.cp}: model {job_config.model.name} "
+                "does not support context parallelism yet; set it to 1"
+            )
+        apply_cp(model, cp, cp_attention)
 
     # 2. AC before compile, so each compiled block graph contains its checkpointed region.
     apply_ac(model, job_config.activation_checkpoint, names.blocks)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from torchtitan.config.errors import ConfigError
+from torchtitan.distributed.context_parallel import build_context_parallel
 from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.tools.logging import get_logger, init_logger
 
@@ -125,6 +126,9 @@ def dry_run(job_config: Any, world_size: int | None = None) -> dict[str, Any]:
         logger.info(f"[fake_backend] model {job_config.model.name}/{job_config.model.flavor}: {total:,} parameters, "
                     f"{local:,} on rank 0")
         logger.info("[fake_backend] parameter layout (rank 0):\n" + "\n".join(line for part in parts for line in _layout_lines(part)))
+        cp = build_context_parallel(parallel_dims, job_config, "cuda" if torch.cuda.is_available() else "cpu")
+        if cp is not None:
+            logger.info(f"[fake_backend] {cp.describe(job_config.training.seq_len)}")
         logger.info("[fake_backend] dry run OK: the layout is valid; no step was run")
     finally:
         if owns_group and dist.is_initialized():

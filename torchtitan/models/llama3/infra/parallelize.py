@@ -1,4 +1,4 @@
-"""Apply the parallel stack to a Llama 3 model: TP(+SP, loss parallel) -> AC -> compile -> FSDP2/HSDP/DDP,
+"""Apply the parallel stack to a Llama 3 model: TP(+SP, loss parallel) -> CP -> AC -> compile -> FSDP2/HSDP/DDP,
 through the generic dense-decoder helpers with Llama's module names."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torchtitan.distributed.dense_parallelize import (
 )
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.tensor_parallel import PLAIN_TP_STYLES, LinearTPStyles
+from torchtitan.models.attention import ScaledDotProductAttention
 
 __all__ = ["LLAMA_MODULES", "check_supported", "llama_tp_plan", "parallelize_llama"]
 
@@ -46,5 +47,6 @@ def llama_tp_plan(
 
 
 def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: Any) -> nn.Module:
-    """Apply TP, activation checkpointing, per-block compile and data parallelism (see `parallelize_dense`)."""
-    return parallelize_dense(model, parallel_dims, job_config, LLAMA_MODULES)
+    """Apply TP, CP attention, activation checkpointing, per-block compile and data parallelism (see
+    `parallelize_dense`)."""
+    return parallelize_dense(model, parallel_dims, job_config, LLAMA_MODULES, cp_attention=ScaledDotProductAttention)

@@ -75,7 +75,7 @@ def test_every_schedule_and_csv_matches_single_process(tmp_path, from_seed, refe
 
 
 def test_pp_with_data_and_tensor_parallel(tmp_path, from_seed, reference):
-    """PP 2 x FSDP 2, PP 2 x TP 2 (Interleaved1F1B), PP 2 x DDP 2, and PP 2 with gradient accumulation,
+    """PP 2 x FSDP 2, PP 2 x TP 2 (Interleaved1F1B), PP 2 x DDP 2, PP 2 x CP 2, and PP 2 with gradient accumulation,
     selective AC and compile (1F1B) all match one process."""
     half = ["--training.local_batch_size", str(GLOBAL_BATCH // 2)]
     cases = {
@@ -84,6 +84,8 @@ def test_pp_with_data_and_tensor_parallel(tmp_path, from_seed, reference):
                         "--parallelism.data_parallel_shard_degree", "1"]),
         "pp2-ddp2": (4, [*pp("GPipe"), "--parallelism.data_parallel_replicate_degree", "2",
                          "--parallelism.data_parallel_shard_degree", "1", *half]),
+        "pp2-cp2": (4, [*pp("1F1B"), "--parallelism.context_parallel_degree", "2",
+                        "--parallelism.data_parallel_shard_degree", "1"]),
         "pp2-accum-sac-compile": (2, [*pp("1F1B"), *half, "--activation_checkpoint.mode", "selective",
                                       "--activation_checkpoint.selective_ac_option", "2", "--compile.enable"]),
     }

@@ -1,6 +1,6 @@
 """The validation loop through run_train.sh (and `[memory_estimation] enable` logging its table at start-up):
 it does not perturb training, its loss is the same under
-FSDP 2, TP 2, DDP 2 and PP 2 from one seed checkpoint, `steps = -1` evaluates every window of the split (its
+FSDP 2, TP 2, DDP 2, CP 2 and PP 2 from one seed checkpoint, `steps = -1` evaluates every window of the split (its
 last global chunk partial, so ranks' shards differ) without a hang, and it writes its metrics records."""
 
 import gzip
@@ -62,6 +62,7 @@ LAYOUTS = {
     "tp2": (2, ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]),
     "ddp2": (2, ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree",
                  "1", "--training.local_batch_size", "2"]),
+    "cp2": (2, ["--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]),
     # the schedule's eval: validation batches shaped like the training microbatches
     "pp2": (2, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
                 "--validation.local_batch_size", "4"]),

@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn as nn
 
 from torchtitan.distributed.dense_parallelize import DenseModuleNames, parallelize_dense
+from torchtitan.distributed.module_paths import block_container
 from torchtitan.distributed.parallel_dims import ParallelDims
 
 HF_MODULES = DenseModuleNames(
@@ -31,9 +32,11 @@ HF_MODULES = DenseModuleNames(
 
 
 def hf_module_names(model: nn.Module) -> DenseModuleNames:
-    """HF_MODULES completed for this model: its q/k norms (Qwen3) and whether the output head is tied."""
+    """HF_MODULES completed for this model (an HFTransformerModel or a transformers causal LM): its q/k
+    norms (Qwen3) and whether the output head is tied."""
     config = model.config
-    first_attention = next((block.self_attn for block in model.blocks), None)
+    blocks = block_container(model, HF_MODULES.blocks)
+    first_attention = next((getattr(block, "self_attn", None) for block in blocks.children()), None)
     head_norms = tuple(
         f"self_attn.{name}" for name in ("q_norm", "k_norm") if hasattr(first_attention, name)
     )

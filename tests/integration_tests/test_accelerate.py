@@ -1,8 +1,9 @@
 """The Accelerate-style API under torchrun on CPU/gloo: the shipped example trains (loss falls) with
 data_parallel 2 and tensor_parallel 2; prepared FSDP2 and TP2 match one process over 5 optimizer steps with
-gradient accumulation (our llama3, transformers Qwen3 and tied Qwen2 too, under DDP 2 and TP 2); save_state under FSDP2 (with CPU offload),
-then load_state under TP2, continues like the uninterrupted single-process run; prepare() refuses, in one
-line, a TP layout it has no plan for and a sequence length sequence parallel cannot shard."""
+gradient accumulation (our llama3, transformers Qwen3 and tied Qwen2 too, under DDP 2 and TP 2); save_state
+under FSDP2 (with CPU offload), then load_state under TP2, continues like the uninterrupted single-process
+run; prepare() refuses, in one line, a TP layout it has no plan for and a sequence length sequence parallel
+cannot shard."""
 
 from __future__ import annotations
 

@@ -130,10 +130,9 @@ def stage_ids_this_rank(pp_rank: int, pp: int, n_stages: int, v_style: bool) -> 
 
 
 def split_module(model: nn.Module, fqns: Sequence[str], layers_attr: str = "layers") -> nn.Module:
-    """A copy of (meta) `model` holding only the modules in `fqns` (`stage_modules` paths or
-    `layers_attr.<key>`); the other modules become None, the other blocks are removed from the container."""
-    part = copy.deepcopy(model)
-    keep = set(fqns)
+    """A copy of (meta) `model` holding only the modules in `fqns` (`stage_modules` paths, blocks); the other
+    modules become None, the other blocks are removed from the container."""
+    part, keep = copy.deepcopy(model), set(fqns)
     for path in stage_modules(part, layers_attr):
         if path not in keep:
             set_module(part, path, None)

@@ -9,7 +9,8 @@ ranks of the microbatch losses) and gradient norm to --out as JSON.
     --load DIR --more M  then load_state(DIR) and run M more steps (recorded under "resumed")
     --check_errors       also record the one-line errors of layouts prepare() refuses
     --cpu_offload        FSDP with CPU offload (memory.cpu_offload)
-Then 3 steps of our own llama3 Transformer (under "llama3"). --save also exports the HF model (DIR_hf).
+Then 3 steps each of our own llama3 Transformer and of tiny transformers Qwen3 (q/k norms) and Qwen2 (tied
+embeddings) models (under "llama3", "qwen3", "qwen2"). --save also exports the HF model (DIR_hf).
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def train(accelerator: Accelerator, model, optimizer, loader, scheduler, steps: 
     return records
 
 
-def llama3_losses(tp: int, steps: int) -> list[float]:
-    """Our own llama3 Transformer through a second Accelerator (its parallelize_fn), plain loop; without
-    TP the data-parallel ranks replicate (DDP) instead of sharding."""
+def plain_losses(tp: int, steps: int, family: str) -> list[float]:
+    """A second Accelerator, plain loop, no accumulation, on our own llama3 Transformer (its parallelize_fn)
+    or a tiny transformers `family` model (tests/hf_models.py: qwen3's q/k norms, qwen2's tied embeddings);
+    without TP the data-parallel ranks replicate (DDP) instead of sharding."""
+    from tests.hf_models import family_config
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -110,16 +113,22 @@ def llama3_losses(tp: int, steps: int) -> list[float]:
     })
     accelerator = Accelerator(torchtitan_plugin=plugin)
     torch.manual_seed(0)
-    model = Transformer(TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
-                                             max_seq_len=SEQ))
-    model.init_weights()
+    if family == "llama3":
+        model = Transformer(TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                                                 max_seq_len=SEQ))
+        model.init_weights()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(family_config(family), dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loader = DataLoader(Tokens(), batch_size=GLOBAL_BATCH // (world // tp))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     dp_mesh = accelerator.parallel_dims.get_mesh("dp")
     losses = []
     for _, batch in zip(range(steps), loader):
-        logits = model(batch["input_ids"])[:, :-1]  # the whole sequence: SP shards it over TP ranks
+        out = model(batch["input_ids"])
+        logits = getattr(out, "logits", out)[:, :-1]  # the whole sequence: SP shards it over TP ranks
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
         accelerator.backward(loss)
         optimizer.step()
@@ -130,6 +139,9 @@ def llama3_losses(tp: int, steps: int) -> list[float]:
             loss /= dp_mesh.size()
         losses.append(loss.item())
     return losses
+
+
+PLAIN_FAMILIES = ("llama3", "qwen3", "qwen2")
 
 
 def refused_layouts(accelerator: Accelerator, model: nn.Module) -> dict[str, str]:
@@ -168,7 +180,8 @@ def main() -> None:
         result["resumed"] = train(accelerator, model, optimizer, loader, scheduler, args.more)
     if args.check_errors:
         result["errors"] = refused_layouts(accelerator, model)
-    result["llama3"] = llama3_losses(args.tp, 3)
+    for family in PLAIN_FAMILIES:
+        result[family] = plain_losses(args.tp, 3, family)
     if accelerator.is_main_process:
         with open(args.out, "w") as f:
             json.dump(result, f)

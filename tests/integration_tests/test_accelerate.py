@@ -1,8 +1,9 @@
 """The Accelerate-style API under torchrun on CPU/gloo: the shipped example trains (loss falls) with
 data_parallel 2 and tensor_parallel 2; prepared FSDP2 and TP2 match one process over 5 optimizer steps with
-gradient accumulation (our llama3 too, under DDP 2 and TP 2); save_state under FSDP2 (with CPU offload),
-then load_state under TP2, continues like the uninterrupted single-process run; prepare() refuses, in one
-line, a TP layout it has no plan for and a sequence length sequence parallel cannot shard."""
+gradient accumulation (our llama3, transformers Qwen3 and tied Qwen2 too, under DDP 2 and TP 2); save_state
+under FSDP2 (with CPU offload), then load_state under TP2, continues like the uninterrupted single-process
+run; prepare() refuses, in one line, a TP layout it has no plan for and a sequence length sequence parallel
+cannot shard."""
 
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ def test_prepared_fsdp2_and_tp2_match_one_process_and_resume_across_layouts(tmp_
         for step, (got, want) in enumerate(zip(run, expected)):
             for key in ("loss", "grad_norm", "lr"):
                 assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), (name, step, key, got, want)
-    for name, run in (("ddp2", fsdp), ("tp2", tp)):  # our llama3 Transformer through its parallelize_fn
-        assert all(abs(a - b) <= TOL for a, b in zip(run["llama3"], ref["llama3"], strict=True)), (name, run)
+    # our llama3 Transformer through its parallelize_fn; Qwen3 (q/k norms) and tied Qwen2 through the HF plan
+    for family in ("llama3", "qwen3", "qwen2"):
+        for name, run in (("ddp2", fsdp), ("tp2", tp)):
+            assert all(abs(a - b) <= TOL for a, b in zip(run[family], ref[family], strict=True)), (family, name, run)
     errors = tp["errors"]
     assert "\n" not in errors["generic_module_tp"]
     assert "tensor_parallel_degree=2" in errors["generic_module_tp"] and "Sequential" in errors["generic_module_tp"]

@@ -3,7 +3,8 @@ Hugging Face weights, a few AdamW steps of the parallelized model (built on meta
 give the losses of plain transformers training on the whole batch in one process.
 
 One launch per world size (2 and 4 ranks) runs every layout of every family in turn; rank 0 writes the
-per-step losses as JSON and the tests compare them.
+per-step losses as JSON and the tests compare them. The 2-rank launch also runs pipeline parallelism (PP 2,
+1F1B and Interleaved1F1B over 4 stages), which must refuse the tied-embedding family in one line.
 """
 
 from __future__ import annotations
@@ -98,6 +99,60 @@ def _parallel_losses(folder: str, case: dict[str, Any], world_size: int) -> dict
     }
 
 
+def _pp_losses(folder: str, case: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The trainer's PP path: meta model -> the TrainSpec's pipelining_fn (split, parallelize, schedule) ->
+    to_empty -> init_weights -> HF weights per stage -> `schedule.step` over BATCH microbatches of one row."""
+    from safetensors.torch import load_file
+
+    from torchtitan.config import ConfigError
+    from torchtitan.distributed.parallel_dims import ParallelDims
+    from torchtitan.distributed.utils import dist_sum
+    from torchtitan.experiments.transformers_modeling_backend.infra.parallelize import parallelize_hf_transformers
+    from torchtitan.experiments.transformers_modeling_backend.infra.pipeline import pipeline_hf_transformers
+    from torchtitan.experiments.transformers_modeling_backend.model.args import HFTransformerModelArgs
+    from torchtitan.experiments.transformers_modeling_backend.model.model import HFTransformerModel
+    from torchtitan.experiments.transformers_modeling_backend.model.state_dict_adapter import (
+        HFTransformerStateDictAdapter,
+    )
+
+    jc = _job_config(case)
+    jc.hf_transformers.model = folder
+    p = jc.parallelism
+    p.pipeline_parallel_degree, p.pipeline_parallel_schedule = 2, case["pp"]
+    p.pipeline_parallel_microbatch_size, jc.training.local_batch_size = 1, BATCH
+    if case.get("stage_per_unit"):  # embeddings | layer 0 | layer 1 | norm + head: 2 stages per rank
+        p.pipeline_parallel_layers_per_stage = 1
+        p.pipeline_parallel_first_stage_less_layers = p.pipeline_parallel_last_stage_less_layers = 1
+    args = HFTransformerModelArgs().update_from_config(jc)
+    with torch.device("meta"):
+        model = HFTransformerModel(args)
+    dims = ParallelDims.from_job_config(jc, world_size)
+    n_tokens = int((_batches()[0][1] != -100).sum())
+    try:
+        schedule, parts, first, last = pipeline_hf_transformers(
+            model, dims, jc, torch.device("cpu"), parallelize_hf_transformers,
+            lambda logits, labels: _loss_sum(logits, labels) / n_tokens,
+        )
+    except ConfigError as e:
+        return {"error": str(e)}
+    weights = HFTransformerStateDictAdapter(args, folder).from_hf(load_file(os.path.join(folder, "model.safetensors")))
+    for part in parts:
+        part.to_empty(device="cpu")
+        part.init_weights()
+        own = part.state_dict()
+        part.load_state_dict({k: weights[k] for k in own}, strict=True)
+    opt = torch.optim.AdamW([q for part in parts for q in part.parameters()], lr=LR, foreach=False)
+    losses = []
+    for tokens, labels in _batches():
+        opt.zero_grad()
+        mb_losses: list[torch.Tensor] = []
+        schedule.step(*((tokens,) if first else ()), target=labels if last else None, losses=mb_losses)
+        opt.step()
+        loss = torch.stack(mb_losses).sum() if last else torch.zeros(())
+        losses.append(float(dist_sum(loss.detach(), dims.get_mesh("pp"))))
+    return {"losses": losses, "stages": len(parts)}
+
+
 def _worker(rank: int, world_size: int, port: int, folders: dict[str, str], cases: dict[str, dict], out: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -114,7 +169,8 @@ def _worker(rank: int, world_size: int, port: int, folders: dict[str, str], case
         if rank == 0:
             results[f"{family}/reference"] = {"losses": _reference_losses(folder)}
         for name, case in cases.items():
-            results[f"{family}/{name}"] = _parallel_losses(folder, case, world_size)
+            run = _pp_losses if "pp" in case else _parallel_losses
+            results[f"{family}/{name}"] = run(folder, case, world_size)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()
@@ -132,7 +188,10 @@ TWO_RANK_CASES = {
     "ddp2": {"dp_replicate": 2},
     "tp2_no_sp_ac_op": {"tp": 2, "sp": False, "ac": "selective", "ac_option": "op"},
     "fsdp2_ac_full_compile": {"dp_shard": 2, "ac": "full", "compile": True, "backend": "aot_eager"},
+    "pp2_1f1b": {"pp": "1F1B"},
+    "pp2_interleaved_4_stages": {"pp": "Interleaved1F1B", "stage_per_unit": True},
 }
+PP_CASES = sorted(c for c in TWO_RANK_CASES if "pp" in TWO_RANK_CASES[c])
 FOUR_RANK_CASES = {
     "fsdp2_tp2_ac_every2": {"dp_shard": 2, "tp": 2, "ac": "selective", "ac_option": "2"},
 }
@@ -160,9 +219,23 @@ def _assert_matches_reference(results: dict[str, Any], family: str, case: str) -
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("case", sorted(TWO_RANK_CASES))
+@pytest.mark.parametrize("case", sorted(set(TWO_RANK_CASES) - set(PP_CASES)))
 def test_two_rank_layouts_match_transformers(two_rank: dict[str, Any], family: str, case: str) -> None:
     _assert_matches_reference(two_rank, family, case)
+
+
+@pytest.mark.parametrize("case", PP_CASES)
+def test_pipeline_parallel_matches_transformers(two_rank: dict[str, Any], case: str) -> None:
+    _assert_matches_reference(two_rank, "llama", case)
+    expected_stages = 2 if TWO_RANK_CASES[case].get("stage_per_unit") else 1
+    assert two_rank[f"llama/{case}"]["stages"] == expected_stages
+
+
+@pytest.mark.parametrize("case", PP_CASES)
+def test_pipeline_parallel_refuses_tied_embeddings_in_one_line(two_rank: dict[str, Any], case: str) -> None:
+    error = two_rank[f"qwen2/{case}"]["error"]
+    assert "\n" not in error
+    assert "pipeline_parallel_degree=2" in error and "tie_word_embeddings" in error and "use pipeline_parallel_degree 1" in error
 
 
 @pytest.mark.parametrize("family", FAMILIES)

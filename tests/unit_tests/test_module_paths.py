@@ -4,7 +4,7 @@ skipped (absent on a pipeline stage), a path that does not exist an error."""
 import pytest
 import torch.nn as nn
 
-from torchtitan.config import JobConfig
+from torchtitan.config import ConfigError, JobConfig
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.module_paths import block_container, present_modules, resolve_module
 from torchtitan.distributed.tensor_parallel import _resolves
@@ -40,3 +40,21 @@ def test_ac_wraps_blocks_of_a_module_list_at_a_dotted_path():
     apply_ac(m, ac, "model.layers")
     wrapped = ["_checkpoint_wrapped_module" in dict(b.named_children()) for b in m.model.layers]
     assert wrapped == [False, True]
+
+
+def test_pipeline_split_at_a_dotted_module_list_keeps_fqns_and_parameterless_modules():
+    from torchtitan.distributed.pipeline_parallel import check_fqns, fqns_per_stage, split_module
+
+    m = model()
+    m.model.norm = nn.LayerNorm(2)
+    m.model.rotary_emb = nn.Identity()  # no parameters: on every stage, in no stage list
+    parts_fqns = fqns_per_stage(2, 2, 0, 0, ["model.embed_tokens"], ["model.norm", "lm_head"], "model.layers")
+    assert parts_fqns == [["model.embed_tokens", "model.layers.0"], ["model.layers.1", "model.norm", "lm_head"]]
+    check_fqns(m, parts_fqns, "model.layers")
+    parts = [split_module(m, names, "model.layers") for names in parts_fqns]
+    assert parts[0].lm_head is None and parts[1].model.embed_tokens is None
+    assert all(isinstance(p.model.rotary_emb, nn.Identity) for p in parts)
+    assert list(parts[1].model.layers.keys()) == ["1"]
+    assert sorted(k for p in parts for k in p.state_dict()) == sorted(m.state_dict())
+    with pytest.raises(ConfigError, match="leaves lm_head, model.norm in no stage"):
+        check_fqns(m, [parts_fqns[0], ["model.layers.1"]], "model.layers")

@@ -203,7 +203,7 @@ class Accelerator:
         pd, jc = self.parallel_dims, self.job_config
         param_dtype = TORCH_DTYPES[jc.training.mixed_precision_param]
         if is_hf_causal_lm(model):
-            parallelize_hf_model(model, pd, jc, param_dtype, TORCH_DTYPES[jc.training.mixed_precision_reduce])
+            parallelize_hf_model(model, pd, jc)
         elif type(model) is self._train_spec_model_cls():
             self._train_spec().parallelize_fn(model, pd, jc)
         else:
@@ -236,7 +236,8 @@ class Accelerator:
         if pd.tp_enabled:
             raise ConfigError(
                 f"parallelism.tensor_parallel_degree={pd.tp}: no tensor-parallel plan for {type(model).__name__}; "
-                "use a Llama-family transformers model, a torchtitan model, or data parallelism only"
+                "use a Llama, Mistral, Qwen2 or Qwen3 transformers model, a torchtitan model, "
+                "or data parallelism only"
             )
         if pd.fsdp_enabled:
             mesh = pd.get_mesh(("dp_replicate", "dp_shard_cp"))

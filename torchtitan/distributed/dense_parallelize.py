@@ -62,6 +62,7 @@ def dense_tp_plan(
     sequence_parallel: bool = True,
     loss_parallel: bool = True,
     styles: LinearTPStyles = PLAIN_TP_STYLES,
+    dtensor_residual: bool = False,
 ) -> dict[str, ParallelStyle]:
     """The tensor-parallel plan: module path (`*` = every block) -> parallel style.
 
@@ -71,12 +72,16 @@ def dense_tp_plan(
     parallel the logits stay sharded on the vocab dim for `loss_parallel()` cross entropy. `styles`
     shards the blocks' linear layers and their inputs (float8 styles under Float8 training). Head
     norms see each rank's heads only, so they treat dim 2 as sharded (their weight gradients are summed).
+    `dtensor_residual` (with sequence parallel) keeps the residual stream (embeddings and row-parallel
+    outputs) a sequence-sharded DTensor, for models that read the full sequence length off their hidden
+    states (transformers builds positions and masks from it).
     """
     seq = Shard(1) if sequence_parallel else Replicate()
+    local = not (dtensor_residual and sequence_parallel)
     norm = SequenceParallel() if sequence_parallel else ReplicateParallel()
     block = f"{names.blocks}.*."
     plan: dict[str, ParallelStyle] = {
-        names.embeddings: RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        names.embeddings: RowwiseParallel(input_layouts=Replicate(), output_layouts=seq, use_local_output=local),
         names.final_norm: norm,
         names.output: ColwiseParallel(
             input_layouts=seq,
@@ -87,10 +92,10 @@ def dense_tp_plan(
         block + names.wq: styles.colwise(),
         block + names.wk: styles.colwise(),
         block + names.wv: styles.colwise(),
-        block + names.wo: styles.rowwise(output_layouts=seq),
+        block + names.wo: styles.rowwise(output_layouts=seq, use_local_output=local),
         block + names.ffn_norm: norm,
         block + names.w1: styles.colwise(),
-        block + names.w2: styles.rowwise(output_layouts=seq),
+        block + names.w2: styles.rowwise(output_layouts=seq, use_local_output=local),
         block + names.w3: styles.colwise(),
     }
     for head_norm in names.head_norms:
@@ -152,11 +157,12 @@ def parallelize_dense(
     job_config: Any,
     names: DenseModuleNames,
     cp_attention: type[nn.Module] | None = None,
+    dtensor_residual: bool = False,
 ) -> nn.Module:
     """Apply TP, CP attention, activation checkpointing, per-block compile and data parallelism, in that order.
 
     `cp_attention` is the model's causal-attention module class, which context parallelism replaces
-    (None: the model does not support CP).
+    (None: the model does not support CP); `dtensor_residual`: see `dense_tp_plan`.
 
     Works on a meta-device model (materialize with `to_empty` + `init_weights` afterwards) as well as
     on an initialized one (all ranks must then hold the same weights). A tied output head stays one
@@ -176,6 +182,7 @@ def parallelize_dense(
             parallel_dims.sequence_parallel_enabled,
             parallel_dims.loss_parallel_enabled,
             linear_tp_styles(job_config, device_type),
+            dtensor_residual,
         )
         apply_tp_plan(model, tp_mesh, plan)
         if names.tied_output:

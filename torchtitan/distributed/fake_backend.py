@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from torchtitan.config.errors import ConfigError
 from torchtitan.distributed.context_parallel import build_context_parallel
+from torchtitan.distributed.module_paths import block_container
 from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.tools.logging import get_logger, init_logger
 
@@ -76,7 +77,7 @@ def _pipeline_rank0(model: torch.nn.Module, parallel_dims: ParallelDims, job_con
                           "set --parallelism.pipeline_parallel_degree=1")
     pp, pc = parallel_dims.pp, job_config.parallelism
     layers_attr = names["layers_attr"]
-    cls, parts_fqns = ppl.plan_stages(model, pp, len(getattr(model, layers_attr)), job_config,
+    cls, parts_fqns = ppl.plan_stages(model, pp, len(block_container(model, layers_attr)), job_config,
                                       names["input_modules"], names["output_modules"], layers_attr)
     n_micro = job_config.training.local_batch_size // pc.pipeline_parallel_microbatch_size
     v_style = issubclass(cls, ppl.V_SCHEDULES)

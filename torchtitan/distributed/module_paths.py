@@ -35,3 +35,22 @@ def block_container(model: nn.Module, path: str) -> nn.ModuleDict | nn.ModuleLis
     if not isinstance(blocks, (nn.ModuleDict, nn.ModuleList)):
         raise TypeError(f"{path!r} of {type(model).__name__} is {type(blocks).__name__}, not a ModuleDict/ModuleList")
     return blocks
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module | None) -> None:
+    """Put `module` (or None) at dotted `path` under `model`."""
+    owner, _, name = path.rpartition(".")
+    setattr(resolve_module(model, owner) if owner else model, name, module)
+
+
+def stage_modules(model: nn.Module, blocks_path: str) -> list[str]:
+    """Paths of the modules a pipeline stage holds or drops besides the blocks: the children of the root and
+    of each module on the way to the block container (e.g. `lm_head`, `model.embed_tokens`, `model.norm` for
+    `model.layers`), except those without parameters (e.g. a rotary embedding), which every stage keeps."""
+    names, parent, prefix = [], model, ""
+    for step in blocks_path.split("."):
+        for name, child in parent.named_children():
+            if name != step and child is not None and any(True for _ in child.parameters()):
+                names.append(prefix + name)
+        parent, prefix = getattr(parent, step), f"{prefix}{step}."
+    return names

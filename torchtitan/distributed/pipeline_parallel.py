@@ -2,9 +2,9 @@
 PP ranks, and build torch.distributed.pipelining schedules (named or from a CSV action table).
 
 A model family describes itself by module paths only: the modules of the first stage before the blocks
-(`input_modules`), the block container (`layers_attr`, a ModuleDict or ModuleList) and the modules after
-them (`output_modules`). Each stage is a copy of the whole (meta) model with the other modules removed
-(set to None, or deleted from the container), so parameter FQNs stay those of the full model.
+(`input_modules`), the block container (`layers_attr`: a dotted path to a ModuleDict or ModuleList) and the
+modules after them (`output_modules`). Each stage is a copy of the whole (meta) model with the other modules
+removed (None, or deleted from the container; parameterless ones stay), so FQNs stay the full model's.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from torchtitan.config.errors import ConfigError
+from torchtitan.distributed.module_paths import block_container, set_module, stage_modules
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
@@ -129,28 +130,27 @@ def stage_ids_this_rank(pp_rank: int, pp: int, n_stages: int, v_style: bool) -> 
 
 
 def split_module(model: nn.Module, fqns: Sequence[str], layers_attr: str = "layers") -> nn.Module:
-    """A copy of (meta) `model` holding only the modules in `fqns` (top-level names or `layers_attr.<key>`);
-    other top-level modules become None, other blocks are removed from the container."""
-    part = copy.deepcopy(model)
-    keep = set(fqns)
-    blocks = getattr(part, layers_attr)
-    for name in [n for n, _ in part.named_children() if n != layers_attr and n not in keep]:
-        setattr(part, name, None)
+    """A copy of (meta) `model` holding only the modules in `fqns` (`stage_modules` paths, blocks); the other
+    modules become None, the other blocks are removed from the container."""
+    part, keep = copy.deepcopy(model), set(fqns)
+    for path in stage_modules(part, layers_attr):
+        if path not in keep:
+            set_module(part, path, None)
+    blocks = block_container(part, layers_attr)
     kept = [k for k in blocks._modules if f"{layers_attr}.{k}" in keep]
     if isinstance(blocks, nn.ModuleDict):
         for k in list(blocks.keys()):
             if k not in kept:
                 del blocks[k]
     else:  # a ModuleList renumbers on deletion; hold the kept blocks under their original keys instead
-        setattr(part, layers_attr, nn.ModuleDict({k: blocks._modules[k] for k in kept}))
+        set_module(part, layers_attr, nn.ModuleDict({k: blocks._modules[k] for k in kept}))
     return part
 
 
 def check_fqns(model: nn.Module, parts_fqns: list[list[str]], layers_attr: str = "layers") -> None:
-    """Every FQN names a module (top level or a block) and every module is in exactly one stage."""
-    blocks = getattr(model, layers_attr)
-    known = [n for n, m in model.named_children() if n != layers_attr and m is not None]
-    known += [f"{layers_attr}.{k}" for k in blocks._modules]
+    """Every FQN names a module (a `stage_modules` path or a block) and every module is in exactly one stage."""
+    known = stage_modules(model, layers_attr)
+    known += [f"{layers_attr}.{k}" for k in block_container(model, layers_attr)._modules]
     seen: dict[str, int] = {}
     for i, names in enumerate(parts_fqns):
         for name in names:
@@ -283,7 +283,7 @@ def pipeline_model(
     """Split `model` into this PP rank's stages, parallelize each with `parallelize_fn(part, parallel_dims,
     job_config)`, and build the schedule. Returns (schedule, model parts, has first stage, has last stage)."""
     pp, pc = parallel_dims.pp, job_config.parallelism
-    n_layers = len(getattr(model, layers_attr))
+    n_layers = len(block_container(model, layers_attr))
     cls, parts_fqns = plan_stages(model, pp, n_layers, job_config, input_modules, output_modules, layers_attr)
     pp_mesh = parallel_dims.get_mesh("pp")
     pp_rank = pp_mesh.get_local_rank()

@@ -8,6 +8,7 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.experiments.transformers_modeling_backend.infra.parallelize import parallelize_hf_transformers
+from torchtitan.experiments.transformers_modeling_backend.infra.pipeline import pipeline_hf_transformers
 from torchtitan.experiments.transformers_modeling_backend.model.args import (
     HFTransformerModelArgs,
     TitanDenseModelArgs,
@@ -31,7 +32,7 @@ register_train_spec(
         model_cls=HFTransformerModel,
         model_args=hf_transformers_args,
         parallelize_fn=parallelize_hf_transformers,
-        pipelining_fn=None,
+        pipelining_fn=pipeline_hf_transformers,
         build_optimizers_fn=build_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_text_dataloader,

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch.nn as nn
 
+from torchtitan.config.errors import ConfigError
 from torchtitan.distributed.dense_parallelize import DenseModuleNames, parallelize_dense
+from torchtitan.distributed.module_paths import block_container
 from torchtitan.distributed.parallel_dims import ParallelDims
 
 HF_MODULES = DenseModuleNames(
@@ -31,9 +33,11 @@ HF_MODULES = DenseModuleNames(
 
 
 def hf_module_names(model: nn.Module) -> DenseModuleNames:
-    """HF_MODULES completed for this model: its q/k norms (Qwen3) and whether the output head is tied."""
+    """HF_MODULES completed for this model (an HFTransformerModel or a transformers causal LM): its q/k
+    norms (Qwen3) and whether the output head is tied."""
     config = model.config
-    first_attention = next((block.self_attn for block in model.blocks), None)
+    blocks = block_container(model, HF_MODULES.blocks)
+    first_attention = next((getattr(block, "self_attn", None) for block in blocks.children()), None)
     head_norms = tuple(
         f"self_attn.{name}" for name in ("q_norm", "k_norm") if hasattr(first_attention, name)
     )
@@ -41,5 +45,13 @@ def hf_module_names(model: nn.Module) -> DenseModuleNames:
 
 
 def parallelize_hf_transformers(model: nn.Module, parallel_dims: ParallelDims, job_config: Any) -> nn.Module:
-    """TP(+SP, loss parallel) -> AC -> per-block compile -> FSDP2/HSDP/DDP on an HFTransformerModel."""
+    """TP(+SP, loss parallel) -> AC -> per-block compile -> FSDP2/HSDP/DDP on an HFTransformerModel (or a
+    pipeline stage of one: tied input/output embeddings are refused there, as the first and last stage would
+    each own and update a copy)."""
+    if parallel_dims.pp_enabled and model.config.tie_word_embeddings:
+        raise ConfigError(
+            f"--parallelism.pipeline_parallel_degree={parallel_dims.pp}: hf_transformers.model="
+            f"{job_config.hf_transformers.model!r} ties its input and output embeddings (tie_word_embeddings), "
+            "which pipeline parallelism does not support; use pipeline_parallel_degree 1 (FSDP/TP instead)"
+        )
     return parallelize_dense(model, parallel_dims, job_config, hf_module_names(model))

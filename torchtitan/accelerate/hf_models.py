@@ -82,8 +82,10 @@ def parallelize_hf_model(model: nn.Module, parallel_dims: ParallelDims, job_conf
     (mixed precision from `job_config.training`; loss parallel must be off in `parallel_dims`).
 
     All ranks must hold the same weights. Gradients are summed over data-parallel ranks (as in the trainer);
-    the Accelerator divides the loss accordingly.
+    the Accelerator divides the loss accordingly. The KV cache is switched off (`config.use_cache`): training
+    does not use it, and its cache objects break per-layer `torch.compile(fullgraph=True)`.
     """
+    model.config.use_cache = False
     if parallel_dims.tp_enabled:
         _check_tp(model, parallel_dims.tp)
         if parallel_dims.sequence_parallel_enabled:

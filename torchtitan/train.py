@@ -26,6 +26,7 @@ from torchtitan.distributed.context_parallel import build_context_parallel, rope
 from torchtitan.distributed.parallel_dims import ParallelDims, validate_model
 from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.protocols.train_spec import build_meta_model, get_train_spec
+from torchtitan.tools.launch import report_error
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.parent_watch import exit_with_launcher
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
@@ -358,11 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         clean = True
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(str(e))
         return 2
     except TrainingDivergedError as e:
         logger.error(str(e))
-        print(f"error: {e}", file=sys.stderr)
+        report_error(str(e))
         return 1
     finally:
         if trainer is not None:

@@ -25,6 +25,10 @@ def apply_compile(model: nn.Module, compile_config: Any, blocks_path: str = "lay
     Blocks are compiled in place (`nn.Module.compile`), so parameter FQNs do not change.
     """
     blocks = block_container(model, blocks_path)
+    # A block may set module-level state and restore it before returning (transformers' hub-kernel dispatch
+    # does, in every attention forward). Inside an activation-checkpointed region dynamo refuses such a
+    # mutation unless the backward's recompute need not replay it, which holds for state restored on exit.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks.children():
         block.compile(backend=compile_config.backend, fullgraph=True)
     logger.info(f"Compiled each of the {len(blocks)} blocks with backend {compile_config.backend!r}")

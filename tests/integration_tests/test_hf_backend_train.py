@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.hf_models import write_hf_model
-from tests.integration_tests.runner import REPO, TINY, run_train
+from tests.integration_tests.runner import REPO, TINY, assert_losses_close, run_train
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "torchtitan/experiments/transformers_modeling_backend/train_configs/debug_model.toml"
@@ -59,3 +59,48 @@ def test_toml_run_loads_sharded_hf_weights_into_fsdp_tp_and_exports(tmp_path):
     tokens = torch.arange(32).view(1, 32)
     with torch.no_grad():
         assert torch.isfinite(trained(tokens).logits).all()
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory) -> list[str]:
+    """Overrides for 4 steps of a tiny HF Llama (llama3 rope scaling) with sharp attention, so that wrong
+    positions or keys would change the loss."""
+    import transformers
+
+    folder = write_hf_model(tmp_path_factory.mktemp("sharp_llama"), "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    model.save_pretrained(folder)
+    return [
+        *TINY, "--training.steps", "4", "--training.local_batch_size", "2",
+        "--hf_transformers.model", str(folder), "--model.hf_assets_path", str(folder), "--checkpoint.no_last_save_in_hf",
+    ]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, sharp_llama) -> dict[int, float]:
+    return run_train(tmp_path_factory.mktemp("single"), *sharp_llama, config=CONFIG).losses()
+
+
+def test_context_parallel_matches_one_process(tmp_path, sharp_llama, single):
+    """CP 2 (our all-gather-KV attention inside transformers' Llama layers, each rank's true positions for
+    the RoPE) follows the one-process losses from the same HF weights."""
+    cp2 = run_train(tmp_path, *sharp_llama, "--parallelism.context_parallel_degree", "2", ngpu=2, config=CONFIG)
+    assert "context parallel degree 2, load balancer headtail, attention allgather_kv" in cp2.stderr
+    assert_losses_close(cp2.losses(), single, rtol=1e-4)
+
+
+def test_float8_tracks_fp32_and_fsdp_matches_one_process(tmp_path, sharp_llama, single):
+    """Float8 (emulated on CPU) converts the decoder's Linear layers, the TOML keeps lm_head in high
+    precision; its losses track fp32, and FSDP 2 float8 tracks one-process float8 (not to 1e-4: tensorwise
+    activation scales come from each rank's own rows)."""
+    float8 = [*sharp_llama, "--model.converters", "quantize.linear.float8"]
+    one = run_train(tmp_path / "one", *float8, config=CONFIG)
+    assert "converted 14 of 15 Linear layers; skipped 1: lm_head (filter_fqns)" in one.stderr
+    assert_losses_close(one.losses(), single, rtol=0, atol=5e-2)
+    fsdp2 = run_train(tmp_path / "fsdp2", *float8, "--parallelism.data_parallel_shard_degree", "2",
+                      "--training.local_batch_size", "1", ngpu=2, config=CONFIG)
+    assert_losses_close(fsdp2.losses(), one.losses(), rtol=0, atol=2e-2)

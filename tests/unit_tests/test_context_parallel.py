@@ -1,7 +1,9 @@
 """Context parallelism: sequence sharding by the load balancers, our all-gather-KV attention against full
-causal SDPA (forward and q/k/v gradients, both balancers, GQA) and a CP Llama against one process, on 2 and
+causal SDPA (forward and q/k/v gradients, both balancers, GQA; the CPU flash path and the masked path of
+other devices) and a CP Llama against one process, on 2 and
 4 gloo ranks; and the one-line errors for options a device does not have."""
 
+import functools
 import os
 
 import pytest
@@ -13,12 +15,12 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from torchtitan.config import ConfigError
 from torchtitan.distributed.context_parallel import (
-    AllGatherKVAttention,
     ContextParallel,
     apply_cp,
     resolve_implementation,
     token_positions,
 )
+from torchtitan.distributed.context_parallel_attention import masked_allgather_kv_attention
 from torchtitan.models.attention import ScaledDotProductAttention
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
@@ -67,12 +69,14 @@ def _check_attention(mesh, balancer: str, heads: int, kv_heads: int) -> None:
     full.backward(grad_out)
 
     pos = token_positions(SEQ, mesh.size(), mesh.get_local_rank(), balancer)
-    local = [t.detach()[:, :, pos].requires_grad_() for t in (q, k, v)]
-    out = AllGatherKVAttention(mesh, balancer)(*local)
-    out.backward(grad_out[:, :, pos])
-    torch.testing.assert_close(out, full.detach()[:, :, pos], **TOL)
-    for name, mine, ref in zip("qkv", local, (q, k, v)):
-        torch.testing.assert_close(mine.grad, ref.grad[:, :, pos], **TOL, msg=lambda m: f"d{name}: {m}")
+    attention = ContextParallel(mesh, balancer, "allgather_kv").attention()
+    for impl in (attention, functools.partial(masked_allgather_kv_attention, layout=attention.layout)):
+        local = [t.detach()[:, :, pos].requires_grad_() for t in (q, k, v)]
+        out = impl(*local)
+        out.backward(grad_out[:, :, pos])
+        torch.testing.assert_close(out, full.detach()[:, :, pos], **TOL)
+        for name, mine, ref in zip("qkv", local, (q, k, v)):
+            torch.testing.assert_close(mine.grad, ref.grad[:, :, pos], **TOL, msg=lambda m: f"d{name}: {m}")
 
 
 def _check_llama(mesh, balancer: str) -> None:
@@ -101,6 +105,38 @@ def _check_llama(mesh, balancer: str) -> None:
         torch.testing.assert_close(p.grad, p_full.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def _saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct storages a forward saves for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if (ptr := t.untyped_storage().data_ptr()) not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens)
+    return sum(saved.values())
+
+
+def _check_saved_activations(mesh) -> None:
+    """Each CP rank saves for backward at most 1.1 / cp of what one process saves for the whole sequence
+    (no rank keeps the gathered K/V of every layer)."""
+    seq = 256
+    args = TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
+                                max_seq_len=seq)
+    full, cp_model = Transformer(args), Transformer(args)
+    full.init_weights()
+    cp_model.load_state_dict(full.state_dict())
+    cp = ContextParallel(mesh, "headtail", "allgather_kv")
+    apply_cp(cp_model, cp, ScaledDotProductAttention)
+    tokens = torch.randint(0, VOCAB, (2, seq), generator=torch.Generator().manual_seed(2))
+    with cp.rope_context([cp_model], seq):
+        per_rank = _saved_activation_bytes(cp_model, cp.shard(tokens)[0])
+    assert per_rank <= 1.1 * _saved_activation_bytes(full, tokens) / mesh.size()
+
+
 def _worker(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
@@ -110,6 +146,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
             for heads, kv_heads in ((4, 4), (4, 2), (4, 1)):
                 _check_attention(mesh, balancer, heads, kv_heads)
             _check_llama(mesh, balancer)
+        _check_saved_activations(mesh)
     finally:
         dist.destroy_process_group()
 

@@ -5,9 +5,9 @@ chunks i and 2cp-1-i) balances causal attention work across ranks, `none` gives 
 Inputs, labels and the RoPE table are sharded the same way, so RoPE uses each token's true position.
 
 Attention, replacing every `ScaledDotProductAttention` of the model, in one of two implementations:
-- `allgather_kv` (ours, any device and backend): all-gather K/V over the CP group with an autograd-aware
-  functional collective (its backward reduce-scatters dK/dV), then exact causal attention for each
-  local query chunk against the keys up to its end.
+- `allgather_kv` (ours, any device and backend, `context_parallel_attention.py`): all-gather K/V over the
+  CP group, exact causal attention for each local query chunk against the keys up to its end; the
+  backward reduce-scatters dK/dV.
 - `torch_ring` (CUDA): torch's ring attention, rotating K/V by all-gather or all-to-all
   (`context_parallel_rotate_method`); torch has no sharding rule for the CPU attention kernel.
 """
@@ -15,17 +15,16 @@ Attention, replacing every `ScaledDotProductAttention` of the model, in one of t
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 from torchtitan.config.errors import ConfigError
+from torchtitan.distributed.context_parallel_attention import AllGatherKVAttention
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
@@ -71,62 +70,9 @@ def resolve_implementation(choice: str, rotate_method: str, device_type: str) ->
     return impl
 
 
-@functools.lru_cache(maxsize=8)
-def _causal_mask(size: int, end: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive mask [size, end] for the last `size` of `end` positions attending causally (query a sees
-    keys 0 .. end - size + a). One cached tensor per shape: SDPA saves its mask for backward, so every
-    layer then holds the same one (a boolean mask would be converted to a new float copy per layer)."""
-    allowed = torch.ones(size, end, dtype=torch.bool, device=device).tril(diagonal=end - size)
-    return torch.zeros(size, end, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-
-
-class AllGatherKVAttention(nn.Module):
-    """Causal attention for load-balanced local query chunks against the K/V of the whole CP group.
-
-    Takes q [batch, heads, L, head_dim] and k/v [batch, kv_heads, L, head_dim] (L = seq_len / cp) in
-    the local chunk order of `chunk_ids`. Query chunk n attends to every key chunk before it and
-    causally within itself, so only keys up to the chunk's end take part.
-    """
-
-    def __init__(self, mesh: DeviceMesh, load_balancer: str):
-        super().__init__()
-        self.mesh = mesh
-        self.cp = mesh.size()
-        self.local_chunks = chunk_ids(load_balancer, self.cp, mesh.get_local_rank())
-        per_rank = len(self.local_chunks)
-        slot_of = {
-            c: r * per_rank + m for r in range(self.cp) for m, c in enumerate(chunk_ids(load_balancer, self.cp, r))
-        }
-        # natural_order[n]: the gathered slot (rank r, local chunk m -> r * per_rank + m) holding chunk n
-        self.natural_order = [slot_of[c] for c in range(self.cp * per_rank)]
-
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, H, L, D] local -> [B, H, seq_len, D] in natural token order."""
-        batch, per_rank = x.shape[0], len(self.local_chunks)
-        gathered = all_gather_single_autograd(x.contiguous(), 0, self.mesh)  # [cp * B, H, L, D]
-        chunks = gathered.unflatten(0, (self.cp, batch)).unflatten(3, (per_rank, -1))  # [cp, B, H, m, c, D]
-        chunks = chunks.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [B, H, cp * m, c, D], rank-major
-        return chunks[:, :, self.natural_order].flatten(2, 3)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_all, v_all = self._gather(k), self._gather(v)
-        size = q.shape[2] // len(self.local_chunks)
-        outputs = []
-        for m, chunk in enumerate(self.local_chunks):
-            end = (chunk + 1) * size
-            mask = _causal_mask(size, end, q.dtype, q.device)
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, m * size : (m + 1) * size], k_all[:, :, :end], v_all[:, :, :end],
-                    attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1],
-                )
-            )
-        return torch.cat(outputs, dim=2)
-
-
 class _CausalSDPA(nn.Module):
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 class _RepeatKV(nn.Module):
@@ -137,9 +83,9 @@ class _RepeatKV(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         groups = q.shape[1] // k.shape[1]
-        return self.inner(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+        return self.inner(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), scale=scale)
 
 
 def _torch_ring_attention(mesh: DeviceMesh, load_balancer: str, rotate_method: str) -> nn.Module:
@@ -178,20 +124,27 @@ class ContextParallel:
         """A new attention module for one block."""
         if self.implementation == "torch_ring":
             return _torch_ring_attention(self.mesh, self.load_balancer, self.rotate_method)
-        return AllGatherKVAttention(self.mesh, self.load_balancer)
+        return AllGatherKVAttention(self.mesh, [chunk_ids(self.load_balancer, self.cp, r) for r in range(self.cp)])
 
     @contextlib.contextmanager
     def rope_context(self, model_parts: list[nn.Module], seq_len: int) -> Iterator[None]:
-        """During forward and backward, each part's `freqs_cis` RoPE table holds only this rank's positions,
-        so `freqs_cis[:local_len]` rotates every token by its true position."""
+        """During forward and backward, every token is rotated by its true position: a part with a
+        `freqs_cis` RoPE table (our models) holds only this rank's rows of it, so `freqs_cis[:local_len]`
+        applies; a part with a `default_positions` attribute (the transformers backend) gets this rank's
+        position ids [1, local_len] there, for forwards called without positions."""
         tables = [(m, m.freqs_cis) for m in model_parts if isinstance(getattr(m, "freqs_cis", None), torch.Tensor)]
+        takes_positions = [m for m in model_parts if hasattr(m, "default_positions")]
         try:
             for m, table in tables:
                 m.freqs_cis = table.index_select(0, self.positions(seq_len, table.device))
+            for m in takes_positions:
+                m.default_positions = self.positions(seq_len).unsqueeze(0)
             yield
         finally:
             for m, table in tables:
                 m.freqs_cis = table
+            for m in takes_positions:
+                m.default_positions = None
 
     def summary(self) -> str:
         rotate = f" ({self.rotate_method} rotate)" if self.implementation == "torch_ring" else ""

@@ -4,6 +4,7 @@ modeling backend both go through `parallelize_dense`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -15,7 +16,7 @@ from torchtitan.components.quantization.float8 import linear_tp_styles
 from torchtitan.config.errors import ConfigError
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile, model_compile_enabled
-from torchtitan.distributed.context_parallel import apply_cp, build_context_parallel
+from torchtitan.distributed.context_parallel import ContextParallel, build_context_parallel
 from torchtitan.distributed.data_parallel import apply_ddp, apply_fsdp
 from torchtitan.distributed.module_paths import resolve_module
 from torchtitan.distributed.parallel_dims import ParallelDims
@@ -156,13 +157,13 @@ def parallelize_dense(
     parallel_dims: ParallelDims,
     job_config: Any,
     names: DenseModuleNames,
-    cp_attention: type[nn.Module] | None = None,
+    apply_cp_fn: Callable[[nn.Module, ContextParallel], None] | None = None,
     dtensor_residual: bool = False,
 ) -> nn.Module:
     """Apply TP, CP attention, activation checkpointing, per-block compile and data parallelism, in that order.
 
-    `cp_attention` is the model's causal-attention module class, which context parallelism replaces
-    (None: the model does not support CP); `dtensor_residual`: see `dense_tp_plan`.
+    `apply_cp_fn(model, cp)` installs context-parallel attention in the model (e.g. `apply_cp` with the
+    model's causal-attention class; None: the model does not support CP); `dtensor_residual`: see `dense_tp_plan`.
 
     Works on a meta-device model (materialize with `to_empty` + `init_weights` afterwards) as well as
     on an initialized one (all ranks must then hold the same weights). A tied output head stays one
@@ -201,12 +202,12 @@ def parallelize_dense(
     # CP: context-parallel attention in every block (the trainer shards inputs, labels and RoPE positions).
     cp = build_context_parallel(parallel_dims, job_config, device_type)
     if cp is not None:
-        if cp_attention is None:
+        if apply_cp_fn is None:
             raise ConfigError(
                 f"--parallelism.context_parallel_degree={parallel_dims.cp}: model {job_config.model.name} "
                 "does not support context parallelism yet; set it to 1"
             )
-        apply_cp(model, cp, cp_attention)
+        apply_cp_fn(model, cp)
 
     # 2. AC before compile, so each compiled block graph contains its checkpointed region.
     apply_ac(model, job_config.activation_checkpoint, names.blocks)

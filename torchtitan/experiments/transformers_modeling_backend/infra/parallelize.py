@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from torchtitan.config.errors import ConfigError
+from torchtitan.distributed.context_parallel import ContextParallel
 from torchtitan.distributed.dense_parallelize import DenseModuleNames, parallelize_dense
 from torchtitan.distributed.module_paths import block_container
 from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.tools.logging import get_logger
+
+logger = get_logger(__name__)
 
 HF_MODULES = DenseModuleNames(
     embeddings="model.embed_tokens",
@@ -44,8 +49,36 @@ def hf_module_names(model: nn.Module) -> DenseModuleNames:
     return HF_MODULES._replace(head_norms=head_norms, tied_output=bool(config.tie_word_embeddings))
 
 
+# The transformers attention implementation that context parallelism selects (registered on first use).
+CP_ATTENTION = "torchtitan_context_parallel"
+
+
+def _cp_attention_forward(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+    scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: causal attention by the module's `cp_attention` (q/k/v
+    [batch, heads, local_seq, head_dim]); the output in transformers' layout [batch, local_seq, heads, head_dim]."""
+    if attention_mask is not None or dropout:
+        raise ValueError("context-parallel attention takes no attention mask and no dropout")
+    return module.cp_attention(query, key, value, scale=scaling).transpose(1, 2).contiguous(), None
+
+
+def apply_hf_cp(model: nn.Module, cp: ContextParallel) -> None:
+    """Context parallelism for transformers decoder layers: each `self_attn` gets a `cp_attention` child,
+    and the model's attention implementation becomes one that calls it (the layers' own q/k/v
+    projections, RoPE and output projection stay as they are)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CP_ATTENTION, _cp_attention_forward)
+    for block in block_container(model, HF_MODULES.blocks).children():
+        block.self_attn.register_module("cp_attention", cp.attention())
+        block.self_attn.config._attn_implementation = CP_ATTENTION
+    logger.info(f"Applied {cp.summary()} to the transformers attention")
+
+
 def parallelize_hf_transformers(model: nn.Module, parallel_dims: ParallelDims, job_config: Any) -> nn.Module:
-    """TP(+SP, loss parallel) -> AC -> per-block compile -> FSDP2/HSDP/DDP on an HFTransformerModel (or a
+    """TP(+SP, loss parallel) -> CP -> AC -> per-block compile -> FSDP2/HSDP/DDP on an HFTransformerModel (or a
     pipeline stage of one: tied input/output embeddings are refused there, as the first and last stage would
     each own and update a copy)."""
     if parallel_dims.pp_enabled and model.config.tie_word_embeddings:
@@ -54,4 +87,4 @@ def parallelize_hf_transformers(model: nn.Module, parallel_dims: ParallelDims, j
             f"{job_config.hf_transformers.model!r} ties its input and output embeddings (tie_word_embeddings), "
             "which pipeline parallelism does not support; use pipeline_parallel_degree 1 (FSDP/TP instead)"
         )
-    return parallelize_dense(model, parallel_dims, job_config, hf_module_names(model))
+    return parallelize_dense(model, parallel_dims, job_config, hf_module_names(model), apply_cp_fn=apply_hf_cp)

@@ -36,6 +36,8 @@ class HFTransformerModel(nn.Module):
         hf_model = cls._from_config(self.config, attn_implementation="sdpa", dtype=torch.float32)
         self.model = hf_model.model
         self.lm_head = hf_model.lm_head
+        # Position ids for forwards called without them (context parallelism sets this rank's here).
+        self.default_positions: torch.Tensor | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -54,8 +56,10 @@ class HFTransformerModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (batch, seq) ids, or (batch, seq, dim) hidden states on a stage without embeddings;
-        positions: (batch or 1, seq) position ids, default 0..seq-1. Returns logits (batch, seq, vocab),
+        positions: (batch or 1, seq) position ids, default `default_positions` or 0..seq-1. Returns logits (batch, seq, vocab),
         or hidden states on a stage without the output head."""
+        if positions is None:
+            positions = self.default_positions
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
         h = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None else tokens

@@ -3,11 +3,13 @@ through the generic dense-decoder helpers with Llama's module names."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch.nn as nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from torchtitan.distributed.context_parallel import apply_cp
 from torchtitan.distributed.dense_parallelize import (
     DenseModuleNames,
     check_supported,
@@ -49,4 +51,7 @@ def llama_tp_plan(
 def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: Any) -> nn.Module:
     """Apply TP, CP attention, activation checkpointing, per-block compile and data parallelism (see
     `parallelize_dense`)."""
-    return parallelize_dense(model, parallel_dims, job_config, LLAMA_MODULES, cp_attention=ScaledDotProductAttention)
+    return parallelize_dense(
+        model, parallel_dims, job_config, LLAMA_MODULES,
+        apply_cp_fn=functools.partial(apply_cp, attention_cls=ScaledDotProductAttention),
+    )

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch.nn as nn
 
-from torchtitan.config.errors import ConfigError
 from torchtitan.distributed.dense_parallelize import DenseModuleNames, parallelize_dense
 from torchtitan.distributed.module_paths import block_container
 from torchtitan.distributed.parallel_dims import ParallelDims
@@ -46,12 +45,6 @@ def hf_module_names(model: nn.Module) -> DenseModuleNames:
 
 def parallelize_hf_transformers(model: nn.Module, parallel_dims: ParallelDims, job_config: Any) -> nn.Module:
     """TP(+SP, loss parallel) -> AC -> per-block compile -> FSDP2/HSDP/DDP on an HFTransformerModel (or a
-    pipeline stage of one: tied input/output embeddings are refused there, as the first and last stage would
-    each own and update a copy)."""
-    if parallel_dims.pp_enabled and model.config.tie_word_embeddings:
-        raise ConfigError(
-            f"--parallelism.pipeline_parallel_degree={parallel_dims.pp}: hf_transformers.model="
-            f"{job_config.hf_transformers.model!r} ties its input and output embeddings (tie_word_embeddings), "
-            "which pipeline parallelism does not support; use pipeline_parallel_degree 1 (FSDP/TP instead)"
-        )
+    pipeline stage of one: a tied head on another stage than the embedding is kept equal to it by the
+    pipeline's TiedParameters)."""
     return parallelize_dense(model, parallel_dims, job_config, hf_module_names(model))

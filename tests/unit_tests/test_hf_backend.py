@@ -199,6 +199,24 @@ def test_load_train_export_then_from_pretrained_gives_our_logits(tmp_path, monke
     assert json.loads((export / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
 
 
+def test_tied_head_of_a_last_pipeline_stage_reads_and_writes_as_the_embedding():
+    """A tied model's state: `lm_head.weight` is not stored; a stage holding only the head (PP's last)
+    stands for the embedding, and reading restores the head from it."""
+    from torchtitan.experiments.transformers_modeling_backend.model.args import HFTransformerModelArgs
+    from torchtitan.experiments.transformers_modeling_backend.model.state_dict_adapter import (
+        HFTransformerStateDictAdapter,
+    )
+
+    args = HFTransformerModelArgs()
+    args.tie_word_embeddings = True
+    adapter = HFTransformerStateDictAdapter(args, None)
+    embed, head, norm = torch.zeros(2), torch.ones(2), torch.full((2,), 2.0)
+    assert adapter.to_hf({"model.embed_tokens.weight": embed, "lm_head.weight": embed}) == {"model.embed_tokens.weight": embed}
+    last_stage = adapter.to_hf({"lm_head.weight": head, "model.norm.weight": norm})
+    assert last_stage == {"model.embed_tokens.weight": head, "model.norm.weight": norm}
+    assert adapter.from_hf(last_stage)["lm_head.weight"] is head
+
+
 QWEN2_5_7B = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
     num_key_value_heads=4, max_position_embeddings=32768, tie_word_embeddings=False,

@@ -3,9 +3,9 @@ Hugging Face weights, a few AdamW steps of the parallelized model (built on meta
 give the losses of plain transformers training on the whole batch in one process.
 
 One launch per world size (2 and 4 ranks) runs every layout of every family in turn; rank 0 writes the
-per-step losses as JSON and the tests compare them. Pipeline parallelism runs in both: PP 2 with 1F1B and
-with Interleaved1F1B over 4 stages, and PP 2 x FSDP 2 and PP 2 x TP 2; for the tied-embedding family the
-last stage's head is a copy of the embedding, which must match it after training.
+per-step losses as JSON and the tests compare them. Pipeline parallelism runs in both: PP 2 with 1F1B, and
+with Interleaved1F1B and ZBVZeroBubble over 4 stages, and PP 2 x FSDP 2 and PP 2 x TP 2; for the
+tied-embedding family the last stage's head is a copy of the embedding, which must equal it after training.
 """
 
 from __future__ import annotations
@@ -211,6 +211,7 @@ TWO_RANK_CASES = {
     "fsdp2_ac_full_compile": {"dp_shard": 2, "ac": "full", "compile": True, "backend": "aot_eager"},
     "pp2_1f1b": {"pp": "1F1B"},
     "pp2_interleaved_4_stages": {"pp": "Interleaved1F1B", "stage_per_unit": True},
+    "pp2_zbv_4_stages": {"pp": "ZBVZeroBubble", "stage_per_unit": True},  # rank 0 holds both tied copies
 }
 FOUR_RANK_CASES = {
     "fsdp2_tp2_ac_every2": {"dp_shard": 2, "tp": 2, "ac": "selective", "ac_option": "2"},

@@ -156,6 +156,18 @@ def test_errors_are_one_line(tmp_path, monkeypatch):
         validate_model(ParallelDims.from_job_config(jc, 4), args, jc)
 
 
+def test_pp_with_sequence_parallel_is_refused_in_one_line(tmp_path):
+    """A stage without the embedding would see its sequence shard as the sequence (and build wrong positions)."""
+    from torchtitan.experiments.transformers_modeling_backend.infra.parallelize import parallelize_hf_transformers
+
+    jc = job(write_hf_model(tmp_path / "llama", "llama", tokenizer=False))
+    jc.parallelism.pipeline_parallel_degree = jc.parallelism.tensor_parallel_degree = 2
+    _, model = build_meta_model(get_train_spec(NAME), jc)
+    with pytest.raises(ConfigError, match=r"^--parallelism.pipeline_parallel_degree=2 with tensor_parallel_degree=2 .*"
+                                          r"pass --parallelism.disable_sequence_parallel$"):
+        parallelize_hf_transformers(model, ParallelDims.from_job_config(jc, 4), jc)
+
+
 def test_trainer_reports_an_uncached_hub_id_in_one_line(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))

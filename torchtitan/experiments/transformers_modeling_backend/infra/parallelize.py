@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from torchtitan.config.errors import ConfigError
 from torchtitan.distributed.dense_parallelize import DenseModuleNames, parallelize_dense
 from torchtitan.distributed.module_paths import block_container
 from torchtitan.distributed.parallel_dims import ParallelDims
@@ -47,4 +48,10 @@ def parallelize_hf_transformers(model: nn.Module, parallel_dims: ParallelDims, j
     """TP(+SP, loss parallel) -> AC -> per-block compile -> FSDP2/HSDP/DDP on an HFTransformerModel (or a
     pipeline stage of one: a tied head on another stage than the embedding is kept equal to it by the
     pipeline's TiedParameters)."""
+    if parallel_dims.pp_enabled and parallel_dims.sequence_parallel_enabled:
+        raise ConfigError(
+            f"--parallelism.pipeline_parallel_degree={parallel_dims.pp} with tensor_parallel_degree="
+            f"{parallel_dims.tp} and sequence parallel: a transformers stage without the embedding would get "
+            "only its sequence shard (and wrong positions); pass --parallelism.disable_sequence_parallel"
+        )
     return parallelize_dense(model, parallel_dims, job_config, hf_module_names(model))

@@ -4,7 +4,7 @@ give the losses of plain transformers training on the whole batch in one process
 
 One launch per world size (2 and 4 ranks) runs every layout of every family in turn; rank 0 writes the
 per-step losses as JSON and the tests compare them. Pipeline parallelism runs in both: PP 2 with 1F1B, and
-with Interleaved1F1B and ZBVZeroBubble over 4 stages, and PP 2 x FSDP 2 and PP 2 x TP 2; for the
+with Interleaved1F1B and ZBVZeroBubble over 4 stages, PP 4, and PP 2 x FSDP 2 and PP 2 x TP 2; for the
 tied-embedding family the last stage's head is a copy of the embedding, which must equal it after training.
 """
 
@@ -122,11 +122,11 @@ def _pp_losses(folder: str, case: dict[str, Any], world_size: int) -> dict[str, 
     jc = _job_config(case)
     jc.hf_transformers.model = folder
     p = jc.parallelism
-    p.pipeline_parallel_degree, p.pipeline_parallel_schedule = 2, case["pp"]
+    p.pipeline_parallel_degree, p.pipeline_parallel_schedule = case.get("pp_degree", 2), case["pp"]
     dims = ParallelDims.from_job_config(jc, world_size)
     dp, dp_rank = dims.dp_world_size, dims.dp_rank()
     p.pipeline_parallel_microbatch_size, jc.training.local_batch_size = 1, BATCH // dp
-    if case.get("stage_per_unit"):  # embeddings | layer 0 | layer 1 | norm + head: 2 stages per rank
+    if case.get("stage_per_unit"):  # 4 stages: embeddings | layer 0 | layer 1 | norm + head
         p.pipeline_parallel_layers_per_stage = 1
         p.pipeline_parallel_first_stage_less_layers = p.pipeline_parallel_last_stage_less_layers = 1
     args = HFTransformerModelArgs().update_from_config(jc)
@@ -217,6 +217,8 @@ FOUR_RANK_CASES = {
     "fsdp2_tp2_ac_every2": {"dp_shard": 2, "tp": 2, "ac": "selective", "ac_option": "2"},
     "pp2_fsdp2": {"pp": "1F1B", "dp_shard": 2},
     "pp2_tp2_no_sp_gpipe": {"pp": "GPipe", "tp": 2, "sp": False},
+    # first and last stage on PP ranks 0 and 3: the tied copies get a group of their own
+    "pp4_1f1b": {"pp": "1F1B", "pp_degree": 4, "stage_per_unit": True},
 }
 
 

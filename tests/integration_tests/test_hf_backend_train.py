@@ -72,7 +72,8 @@ def test_tied_embeddings_under_pp2_match_one_process_resume_and_export(tmp_path)
     from tests.integration_tests.runner import assert_losses_close
 
     folder = write_hf_model(tmp_path / "qwen2", "qwen2")
-    base = [*TINY, "--training.steps", "4", "--hf_transformers.model", str(folder), "--model.hf_assets_path", str(folder)]
+    base = [*TINY, "--training.steps", "4", "--hf_transformers.model", str(folder),
+            "--model.hf_assets_path", str(folder)]
     pp = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule", "1F1B"]
     single = run_train(tmp_path / "single", *base, config=CONFIG)
     piped = run_train(tmp_path / "pp", *base, *pp, "--checkpoint.interval", "2", ngpu=2, config=CONFIG)
@@ -84,7 +85,9 @@ def test_tied_embeddings_under_pp2_match_one_process_resume_and_export(tmp_path)
     shutil.copytree(tmp_path / "pp" / "checkpoint" / "step-2", resumed_folder / "checkpoint" / "step-2")
     resumed = run_train(resumed_folder, *base, *pp, ngpu=2, config=CONFIG)
     assert_losses_close(resumed.losses(), single.losses(), 1e-4, steps=[3, 4])
-    exported, expected = (load_file(tmp_path / run / "checkpoint" / "step-4" / "model.safetensors") for run in ("pp", "single"))
+    exported, expected = (
+        load_file(tmp_path / run / "checkpoint" / "step-4" / "model.safetensors") for run in ("pp", "single")
+    )
     assert sorted(exported) == sorted(expected) and "lm_head.weight" not in exported
     for key, value in expected.items():
         assert (exported[key] - value).abs().max().item() <= 1e-5, key

@@ -223,7 +223,8 @@ def test_tied_head_of_a_last_pipeline_stage_reads_and_writes_as_the_embedding():
     args.tie_word_embeddings = True
     adapter = HFTransformerStateDictAdapter(args, None)
     embed, head, norm = torch.zeros(2), torch.ones(2), torch.full((2,), 2.0)
-    assert adapter.to_hf({"model.embed_tokens.weight": embed, "lm_head.weight": embed}) == {"model.embed_tokens.weight": embed}
+    one_process = {"model.embed_tokens.weight": embed, "lm_head.weight": embed}
+    assert adapter.to_hf(one_process) == {"model.embed_tokens.weight": embed}
     last_stage = adapter.to_hf({"lm_head.weight": head, "model.norm.weight": norm})
     assert last_stage == {"model.embed_tokens.weight": head, "model.norm.weight": norm}
     assert adapter.from_hf(last_stage)["lm_head.weight"] is head

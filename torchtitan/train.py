@@ -67,15 +67,15 @@ class Trainer(Stateful):
         self.loss_fn = TokenNormalizedLoss(spec.build_loss_fn(job_config))
         self.pp_schedule = None
         self.pp_has_first_stage = self.pp_has_last_stage = True
+        self.tied = None  # under PP: parameters tied across stages, one copy per stage kept equal
         if pd.pp_enabled:
             if spec.pipelining_fn is None:
                 raise ConfigError(
                     f"--parallelism.pipeline_parallel_degree={pd.pp}: model {job_config.model.name} has no "
                     "pipelining_fn in its TrainSpec; set it to 1"
                 )
-            self.pp_schedule, self.model_parts, self.pp_has_first_stage, self.pp_has_last_stage = spec.pipelining_fn(
-                model, pd, job_config, self.device, spec.parallelize_fn, self.loss_fn
-            )
+            (self.pp_schedule, self.model_parts, self.pp_has_first_stage, self.pp_has_last_stage,
+             self.tied) = spec.pipelining_fn(model, pd, job_config, self.device, spec.parallelize_fn, self.loss_fn)
         else:
             self.model_parts = [spec.parallelize_fn(model, pd, job_config)]
         del model
@@ -213,10 +213,13 @@ class Trainer(Stateful):
             if sync is not None:
                 sync(i == len(microbatches) - 1)
             loss_sum += self.forward_backward_step(inputs, labels)
+        if self.tied is not None:
+            self.tied.sync_grads()
         grad_norm = dist_utils.clip_grad_norm_(
             [p for m in self.model_parts for p in m.parameters()],
             self.job_config.training.max_norm,
             pp_mesh=pd.get_mesh("pp"),
+            uncounted=self.tied.uncounted() if self.tied is not None else (),
         )
         if not torch.isfinite(grad_norm):
             raise TrainingDivergedError(
@@ -254,6 +257,8 @@ class Trainer(Stateful):
             validate_seed_checkpoint(self.parallel_dims)
             self.checkpointer.save_seed()
             return
+        if self.tied is not None:  # initialized (or loaded) per stage: the first stage's copy wins
+            self.tied.sync_weights()
         first_step = self.step + 1
         logger.info(f"training from step {first_step} to {jc.training.steps}")
         data_iter = iter(self.dataloader)

@@ -3,8 +3,9 @@ Hugging Face weights, a few AdamW steps of the parallelized model (built on meta
 give the losses of plain transformers training on the whole batch in one process.
 
 One launch per world size (2 and 4 ranks) runs every layout of every family in turn; rank 0 writes the
-per-step losses as JSON and the tests compare them. The 2-rank launch also runs pipeline parallelism (PP 2,
-1F1B and Interleaved1F1B over 4 stages), which must refuse the tied-embedding family in one line.
+per-step losses as JSON and the tests compare them. Pipeline parallelism runs in both: PP 2 with 1F1B, and
+with Interleaved1F1B and ZBVZeroBubble over 4 stages, PP 4, and PP 2 x FSDP 2 and PP 2 x TP 2; for the
+tied-embedding family the last stage's head is a copy of the embedding, which must equal it after training.
 """
 
 from __future__ import annotations
@@ -101,12 +102,15 @@ def _parallel_losses(folder: str, case: dict[str, Any], world_size: int) -> dict
 
 def _pp_losses(folder: str, case: dict[str, Any], world_size: int) -> dict[str, Any]:
     """The trainer's PP path: meta model -> the TrainSpec's pipelining_fn (split, parallelize, schedule) ->
-    to_empty -> init_weights -> HF weights per stage -> `schedule.step` over BATCH microbatches of one row."""
+    to_empty -> init_weights -> HF weights per stage (a tied head copy keeps its own init: the tie sync must
+    replace it) -> `schedule.step` over microbatches of one row of this data-parallel rank's rows -> tied
+    gradients summed -> AdamW. Also returns the largest difference between the tied copies after training."""
+    import torch.distributed as dist
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from torchtitan.config import ConfigError
     from torchtitan.distributed.parallel_dims import ParallelDims
-    from torchtitan.distributed.utils import dist_sum
+    from torchtitan.distributed.utils import dist_sum, loss_parallel_context
     from torchtitan.experiments.transformers_modeling_backend.infra.parallelize import parallelize_hf_transformers
     from torchtitan.experiments.transformers_modeling_backend.infra.pipeline import pipeline_hf_transformers
     from torchtitan.experiments.transformers_modeling_backend.model.args import HFTransformerModelArgs
@@ -118,39 +122,56 @@ def _pp_losses(folder: str, case: dict[str, Any], world_size: int) -> dict[str, 
     jc = _job_config(case)
     jc.hf_transformers.model = folder
     p = jc.parallelism
-    p.pipeline_parallel_degree, p.pipeline_parallel_schedule = 2, case["pp"]
-    p.pipeline_parallel_microbatch_size, jc.training.local_batch_size = 1, BATCH
-    if case.get("stage_per_unit"):  # embeddings | layer 0 | layer 1 | norm + head: 2 stages per rank
+    p.pipeline_parallel_degree, p.pipeline_parallel_schedule = case.get("pp_degree", 2), case["pp"]
+    dims = ParallelDims.from_job_config(jc, world_size)
+    dp, dp_rank = dims.dp_world_size, dims.dp_rank()
+    p.pipeline_parallel_microbatch_size, jc.training.local_batch_size = 1, BATCH // dp
+    if case.get("stage_per_unit"):  # 4 stages: embeddings | layer 0 | layer 1 | norm + head
         p.pipeline_parallel_layers_per_stage = 1
         p.pipeline_parallel_first_stage_less_layers = p.pipeline_parallel_last_stage_less_layers = 1
     args = HFTransformerModelArgs().update_from_config(jc)
     with torch.device("meta"):
         model = HFTransformerModel(args)
-    dims = ParallelDims.from_job_config(jc, world_size)
-    n_tokens = int((_batches()[0][1] != -100).sum())
-    try:
-        schedule, parts, first, last = pipeline_hf_transformers(
-            model, dims, jc, torch.device("cpu"), parallelize_hf_transformers,
-            lambda logits, labels: _loss_sum(logits, labels) / n_tokens,
-        )
-    except ConfigError as e:
-        return {"error": str(e)}
+    n_tokens, pp_mesh = int((_batches()[0][1] != -100).sum()), dims.get_mesh("pp")
+    schedule, parts, first, last, tied = pipeline_hf_transformers(
+        model, dims, jc, torch.device("cpu"), parallelize_hf_transformers,
+        lambda logits, labels: _loss_sum(logits, labels) / n_tokens,
+    )
     weights = HFTransformerStateDictAdapter(args, folder).from_hf(load_file(os.path.join(folder, "model.safetensors")))
     for part in parts:
         part.to_empty(device="cpu")
         part.init_weights()
-        own = part.state_dict()
-        part.load_state_dict({k: weights[k] for k in own}, strict=True)
+    copies = {id(q) for q in tied.uncounted()}
+    for part in parts:
+        skip = {k for k, q in part.named_parameters() if id(q) in copies}
+        own = {k: weights[k] for k in part.state_dict() if k not in skip}
+        set_model_state_dict(part, own, options=StateDictOptions(full_state_dict=True, strict=not skip))
+    tied.sync_weights()
     opt = torch.optim.AdamW([q for part in parts for q in part.parameters()], lr=LR, foreach=False)
+    rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
     losses = []
     for tokens, labels in _batches():
         opt.zero_grad()
         mb_losses: list[torch.Tensor] = []
-        schedule.step(*((tokens,) if first else ()), target=labels if last else None, losses=mb_losses)
+        with loss_parallel_context(dims):
+            schedule.step(*((tokens[rows],) if first else ()), target=labels[rows] if last else None, losses=mb_losses)
+        tied.sync_grads()
         opt.step()
-        loss = torch.stack(mb_losses).sum() if last else torch.zeros(())
-        losses.append(float(dist_sum(loss.detach(), dims.get_mesh("pp"))))
-    return {"losses": losses, "stages": len(parts)}
+        loss = torch.stack([_full(x) for x in mb_losses]).sum() if last else torch.zeros(())
+        losses.append(dist_sum(dist_sum(loss.detach(), pp_mesh), dims.get_mesh("dp")))
+    result = {"losses": losses, "stages": len(parts), "tied_copies": dist_sum(len(copies), pp_mesh)}
+    if args.tie_word_embeddings:  # the last stage's head against the first stage's embedding, on the last
+        embed = _full(parts[0].model.embed_tokens.weight) if first else torch.empty(VOCAB, args.hf_config.hidden_size)
+        dist.broadcast(embed.detach(), src=int(pp_mesh.mesh[0]), group=pp_mesh.get_group())
+        diff = (_full(parts[-1].lm_head.weight) - embed).abs().max() if last else torch.zeros(())
+        result["tied_copy_diff"] = dist_sum(diff.detach(), pp_mesh)
+    return result
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _worker(rank: int, world_size: int, port: int, folders: dict[str, str], cases: dict[str, dict], out: str) -> None:
@@ -190,10 +211,14 @@ TWO_RANK_CASES = {
     "fsdp2_ac_full_compile": {"dp_shard": 2, "ac": "full", "compile": True, "backend": "aot_eager"},
     "pp2_1f1b": {"pp": "1F1B"},
     "pp2_interleaved_4_stages": {"pp": "Interleaved1F1B", "stage_per_unit": True},
+    "pp2_zbv_4_stages": {"pp": "ZBVZeroBubble", "stage_per_unit": True},  # rank 0 holds both tied copies
 }
-PP_CASES = sorted(c for c in TWO_RANK_CASES if "pp" in TWO_RANK_CASES[c])
 FOUR_RANK_CASES = {
     "fsdp2_tp2_ac_every2": {"dp_shard": 2, "tp": 2, "ac": "selective", "ac_option": "2"},
+    "pp2_fsdp2": {"pp": "1F1B", "dp_shard": 2},
+    "pp2_tp2_no_sp_gpipe": {"pp": "GPipe", "tp": 2, "sp": False},
+    # first and last stage on PP ranks 0 and 3: the tied copies get a group of their own
+    "pp4_1f1b": {"pp": "1F1B", "pp_degree": 4, "stage_per_unit": True},
 }
 
 
@@ -209,33 +234,30 @@ def four_rank(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _assert_matches_reference(results: dict[str, Any], family: str, case: str) -> None:
     expected = results[f"{family}/reference"]["losses"]
-    actual = results[f"{family}/{case}"]["losses"]
+    result = results[f"{family}/{case}"]
+    actual = result["losses"]
     assert len(actual) == len(expected) == STEPS
     assert expected[-1] < expected[0]  # the steps trained
     for step, (a, e) in enumerate(zip(actual, expected), 1):
         assert abs(a - e) <= RTOL * abs(e), (family, case, step, actual, expected)
-    if family == "qwen2":
-        assert results[f"{family}/{case}"]["tied_one_param"], "the tied output head is no longer the embedding"
+    if family == "qwen2" and "pp" in case:  # the last stage's head: a copy, equal to the embedding
+        assert result["tied_copies"] == 1 and result["tied_copy_diff"] == 0.0, result["tied_copy_diff"]
+    elif family == "qwen2":
+        assert result["tied_one_param"], "the tied output head is no longer the embedding"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("case", sorted(set(TWO_RANK_CASES) - set(PP_CASES)))
+@pytest.mark.parametrize("case", sorted(c for c in TWO_RANK_CASES if "pp" not in TWO_RANK_CASES[c]))
 def test_two_rank_layouts_match_transformers(two_rank: dict[str, Any], family: str, case: str) -> None:
     _assert_matches_reference(two_rank, family, case)
 
 
-@pytest.mark.parametrize("case", PP_CASES)
-def test_pipeline_parallel_matches_transformers(two_rank: dict[str, Any], case: str) -> None:
-    _assert_matches_reference(two_rank, "llama", case)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", sorted(c for c in TWO_RANK_CASES if "pp" in TWO_RANK_CASES[c]))
+def test_pipeline_parallel_matches_transformers(two_rank: dict[str, Any], family: str, case: str) -> None:
+    _assert_matches_reference(two_rank, family, case)
     expected_stages = 2 if TWO_RANK_CASES[case].get("stage_per_unit") else 1
-    assert two_rank[f"llama/{case}"]["stages"] == expected_stages
-
-
-@pytest.mark.parametrize("case", PP_CASES)
-def test_pipeline_parallel_refuses_tied_embeddings_in_one_line(two_rank: dict[str, Any], case: str) -> None:
-    error = two_rank[f"qwen2/{case}"]["error"]
-    assert "\n" not in error
-    assert "pipeline_parallel_degree=2" in error and "tie_word_embeddings" in error and "use pipeline_parallel_degree 1" in error
+    assert two_rank[f"{family}/{case}"]["stages"] == expected_stages
 
 
 @pytest.mark.parametrize("family", FAMILIES)

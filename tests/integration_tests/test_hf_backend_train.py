@@ -2,6 +2,7 @@
 index) load into an FSDP x TP layout, the first loss is the loss transformers computes on the same batch,
 training lowers it, and the last step is exported as a folder transformers loads."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,34 @@ def test_float8_tracks_fp32_and_fsdp_matches_one_process(tmp_path, sharp_llama, 
     fsdp2 = run_train(tmp_path / "fsdp2", *float8, "--parallelism.data_parallel_shard_degree", "2",
                       "--training.local_batch_size", "1", ngpu=2, config=CONFIG)
     assert_losses_close(fsdp2.losses(), one.losses(), rtol=0, atol=2e-2)
+
+
+def test_tied_embeddings_under_pp2_match_one_process_resume_and_export(tmp_path):
+    """Qwen2 (tied embeddings) from the same HF weights under PP 2 (1F1B; the last stage holds a copy of the
+    embedding as its head): every step's loss and gradient norm (clipping active: max_norm 1) within 1e-4 of
+    one process; resuming its step-2 checkpoint repeats steps 3-4; its HF export has no lm_head and equals
+    the one-process export."""
+    from safetensors.torch import load_file
+
+    from tests.integration_tests.runner import assert_losses_close
+
+    folder = write_hf_model(tmp_path / "qwen2", "qwen2")
+    base = [*TINY, "--training.steps", "4", "--hf_transformers.model", str(folder),
+            "--model.hf_assets_path", str(folder)]
+    pp = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule", "1F1B"]
+    single = run_train(tmp_path / "single", *base, config=CONFIG)
+    piped = run_train(tmp_path / "pp", *base, *pp, "--checkpoint.interval", "2", ngpu=2, config=CONFIG)
+    assert_losses_close(piped.losses(), single.losses(), 1e-4)
+    norms = [{r["step"]: r["grad_norm"] for r in run.metrics()} for run in (piped, single)]
+    assert_losses_close(*norms, 1e-4)
+    assert max(norms[1].values()) > 1.0
+    resumed_folder = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "pp" / "checkpoint" / "step-2", resumed_folder / "checkpoint" / "step-2")
+    resumed = run_train(resumed_folder, *base, *pp, ngpu=2, config=CONFIG)
+    assert_losses_close(resumed.losses(), single.losses(), 1e-4, steps=[3, 4])
+    exported, expected = (
+        load_file(tmp_path / run / "checkpoint" / "step-4" / "model.safetensors") for run in ("pp", "single")
+    )
+    assert sorted(exported) == sorted(expected) and "lm_head.weight" not in exported
+    for key, value in expected.items():
+        assert (exported[key] - value).abs().max().item() <= 1e-5, key

@@ -156,6 +156,18 @@ def test_errors_are_one_line(tmp_path, monkeypatch):
         validate_model(ParallelDims.from_job_config(jc, 4), args, jc)
 
 
+def test_pp_with_sequence_parallel_is_refused_in_one_line(tmp_path):
+    """A stage without the embedding would see its sequence shard as the sequence (and build wrong positions)."""
+    from torchtitan.experiments.transformers_modeling_backend.infra.parallelize import parallelize_hf_transformers
+
+    jc = job(write_hf_model(tmp_path / "llama", "llama", tokenizer=False))
+    jc.parallelism.pipeline_parallel_degree = jc.parallelism.tensor_parallel_degree = 2
+    _, model = build_meta_model(get_train_spec(NAME), jc)
+    with pytest.raises(ConfigError, match=r"^--parallelism.pipeline_parallel_degree=2 with tensor_parallel_degree=2 .*"
+                                          r"pass --parallelism.disable_sequence_parallel$"):
+        parallelize_hf_transformers(model, ParallelDims.from_job_config(jc, 4), jc)
+
+
 def test_trainer_reports_an_uncached_hub_id_in_one_line(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
@@ -197,6 +209,25 @@ def test_load_train_export_then_from_pretrained_gives_our_logits(tmp_path, monke
     with torch.no_grad():
         assert (model(tokens) - loaded(tokens).logits).abs().max().item() <= 1e-5
     assert json.loads((export / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+
+
+def test_tied_head_of_a_last_pipeline_stage_reads_and_writes_as_the_embedding():
+    """A tied model's state: `lm_head.weight` is not stored; a stage holding only the head (PP's last)
+    stands for the embedding, and reading restores the head from it."""
+    from torchtitan.experiments.transformers_modeling_backend.model.args import HFTransformerModelArgs
+    from torchtitan.experiments.transformers_modeling_backend.model.state_dict_adapter import (
+        HFTransformerStateDictAdapter,
+    )
+
+    args = HFTransformerModelArgs()
+    args.tie_word_embeddings = True
+    adapter = HFTransformerStateDictAdapter(args, None)
+    embed, head, norm = torch.zeros(2), torch.ones(2), torch.full((2,), 2.0)
+    one_process = {"model.embed_tokens.weight": embed, "lm_head.weight": embed}
+    assert adapter.to_hf(one_process) == {"model.embed_tokens.weight": embed}
+    last_stage = adapter.to_hf({"lm_head.weight": head, "model.norm.weight": norm})
+    assert last_stage == {"model.embed_tokens.weight": head, "model.norm.weight": norm}
+    assert adapter.from_hf(last_stage)["lm_head.weight"] is head
 
 
 QWEN2_5_7B = dict(

@@ -233,6 +233,20 @@ def test_clip_grad_norm_matches_torch(norm_type: float) -> None:
     assert all(torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_clip_grad_norm_clips_uncounted_copies_but_counts_them_once() -> None:
+    """A tied weight's second copy (a later pipeline stage's): clipped like the first, not in the norm."""
+    torch.manual_seed(0)
+    tied, other = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    copy_ = torch.nn.Parameter(tied.detach().clone())
+    tied.grad, other.grad = torch.randn(4, 3), torch.randn(5)
+    copy_.grad = tied.grad.clone()
+    expected = torch.linalg.vector_norm(torch.cat([tied.grad.flatten(), other.grad]))
+    got = clip_grad_norm_([tied, other, copy_], 1e-3, uncounted=[copy_])
+    assert torch.allclose(got, expected, rtol=1e-6) and got > 1e-3
+    clipped = torch.linalg.vector_norm(torch.cat([tied.grad.flatten(), other.grad]))
+    assert torch.equal(copy_.grad, tied.grad) and torch.allclose(clipped, torch.tensor(1e-3), rtol=1e-4)
+
+
 def test_reductions_without_a_mesh_return_the_value() -> None:
     assert dist_sum(torch.tensor(2.5)) == 2.5 and dist_max(3) == 3.0 and dist_mean(torch.tensor([4.0])) == 4.0
 

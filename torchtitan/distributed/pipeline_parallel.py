@@ -5,6 +5,7 @@ A model family describes itself by module paths only: the modules of the first s
 (`input_modules`), the block container (`layers_attr`: a dotted path to a ModuleDict or ModuleList) and the
 modules after them (`output_modules`). Each stage is a copy of the whole (meta) model with the other modules
 removed (None, or deleted from the container; parameterless ones stay), so FQNs stay the full model's.
+A parameter tied across stages (e.g. embedding and output head) gets a copy per stage: see TiedParameters.
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (
-    PipelineScheduleSingle,
-    ScheduleDualPipeV,
-    ScheduleZBVZeroBubble,
-    _PipelineSchedule,
-    _PipelineScheduleRuntime,
-    get_schedule_class,
-)
+from torch.distributed.pipelining.schedules import (PipelineScheduleSingle, ScheduleDualPipeV, ScheduleZBVZeroBubble,
+                                                   _PipelineSchedule, _PipelineScheduleRuntime, get_schedule_class)
 
 from torchtitan.config.errors import ConfigError
 from torchtitan.distributed.module_paths import block_container, set_module, stage_modules
+from torchtitan.distributed.tied_parameters import TiedParameters
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
@@ -279,21 +275,24 @@ def pipeline_model(
     input_modules: Sequence[str],
     output_modules: Sequence[str],
     layers_attr: str = "layers",
-) -> tuple[_PipelineSchedule, list[nn.Module], bool, bool]:
+) -> tuple[_PipelineSchedule, list[nn.Module], bool, bool, TiedParameters]:
     """Split `model` into this PP rank's stages, parallelize each with `parallelize_fn(part, parallel_dims,
-    job_config)`, and build the schedule. Returns (schedule, model parts, has first stage, has last stage)."""
+    job_config)`, and build the schedule. Returns (schedule, model parts, has first stage, has last stage,
+    the parameters `model` ties across stages, e.g. a tied embedding and output head)."""
     pp, pc = parallel_dims.pp, job_config.parallelism
     n_layers = len(block_container(model, layers_attr))
     cls, parts_fqns = plan_stages(model, pp, n_layers, job_config, input_modules, output_modules, layers_attr)
     pp_mesh = parallel_dims.get_mesh("pp")
-    pp_rank = pp_mesh.get_local_rank()
-    stage_ids = stage_ids_this_rank(pp_rank, pp, len(parts_fqns), issubclass(cls, V_SCHEDULES))
+    pp_rank, v_style = pp_mesh.get_local_rank(), issubclass(cls, V_SCHEDULES)
+    stage_ids = stage_ids_this_rank(pp_rank, pp, len(parts_fqns), v_style)
     stages, parts = build_stages(
         model, parts_fqns, stage_ids, pp_mesh, device,
         lambda part: parallelize_fn(part, parallel_dims, job_config), layers_attr,
     )
+    rank_of_stage = {s: r for r in range(pp) for s in stage_ids_this_rank(r, pp, len(parts_fqns), v_style)}
+    tied = TiedParameters(model, parts_fqns, rank_of_stage, stage_ids, parts, pp_mesh, parallel_dims.world_mesh)
     n_micro = job_config.training.local_batch_size // pc.pipeline_parallel_microbatch_size
     schedule = build_schedule(pc, stages, n_micro, loss_fn)
     name = os.path.basename(pc.pipeline_parallel_schedule_csv or "") or cls.__name__
     logger.info(describe_rank(pp_rank, stage_ids, parts_fqns, f"{name}, {n_micro} microbatches"))
-    return schedule, parts, any(s.is_first for s in stages), any(s.is_last for s in stages)
+    return schedule, parts, any(s.is_first for s in stages), any(s.is_last for s in stages), tied

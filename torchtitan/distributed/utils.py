@@ -138,15 +138,19 @@ def clip_grad_norm_(
     norm_type: float = 2.0,
     foreach: bool | None = None,
     pp_mesh: DeviceMesh | None = None,
+    uncounted: Iterable[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Clip gradients by their true global norm and return that norm (a plain 0-dim tensor).
 
     Gradients may be plain tensors or DTensors sharded over FSDP/TP meshes (possibly different meshes
     for different parameters): norms are computed per group of identical layout and reduced to full
-    values before combining. Under PP, pass `pp_mesh` to combine the stages' norms.
+    values before combining. Under PP, pass `pp_mesh` to combine the stages' norms. `uncounted`: some of
+    `parameters` that are clipped but left out of the norm (copies of counted ones, e.g. a tied weight
+    that a later pipeline stage holds again).
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     norm_type = float(norm_type)
+    skip = {id(p) for p in uncounted}
     # Group by layout: parameters on different meshes (e.g. FSDP-only vs FSDP x TP) cannot share
     # foreach kernels or one reduction.
     groups: dict[Any, list[torch.Tensor]] = {}
@@ -155,7 +159,10 @@ def clip_grad_norm_(
             groups.setdefault(_mesh_key(p.grad), []).append(p)
     norms = []
     for group in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type, foreach=foreach)
+        counted = [p.grad for p in group if id(p) not in skip]
+        if not counted:
+            continue
+        norm = torch.nn.utils.get_total_norm(counted, norm_type, foreach=foreach)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if not norms:
         total = torch.tensor(0.0)

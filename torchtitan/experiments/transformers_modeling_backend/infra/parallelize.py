@@ -79,12 +79,12 @@ def apply_hf_cp(model: nn.Module, cp: ContextParallel) -> None:
 
 def parallelize_hf_transformers(model: nn.Module, parallel_dims: ParallelDims, job_config: Any) -> nn.Module:
     """TP(+SP, loss parallel) -> CP -> AC -> per-block compile -> FSDP2/HSDP/DDP on an HFTransformerModel (or a
-    pipeline stage of one: tied input/output embeddings are refused there, as the first and last stage would
-    each own and update a copy)."""
-    if parallel_dims.pp_enabled and model.config.tie_word_embeddings:
+    pipeline stage of one: a tied head on another stage than the embedding is kept equal to it by the
+    pipeline's TiedParameters)."""
+    if parallel_dims.pp_enabled and parallel_dims.sequence_parallel_enabled:
         raise ConfigError(
-            f"--parallelism.pipeline_parallel_degree={parallel_dims.pp}: hf_transformers.model="
-            f"{job_config.hf_transformers.model!r} ties its input and output embeddings (tie_word_embeddings), "
-            "which pipeline parallelism does not support; use pipeline_parallel_degree 1 (FSDP/TP instead)"
+            f"--parallelism.pipeline_parallel_degree={parallel_dims.pp} with tensor_parallel_degree="
+            f"{parallel_dims.tp} and sequence parallel: a transformers stage without the embedding would get "
+            "only its sequence shard (and wrong positions); pass --parallelism.disable_sequence_parallel"
         )
     return parallelize_dense(model, parallel_dims, job_config, hf_module_names(model), apply_cp_fn=apply_hf_cp)

@@ -1,6 +1,6 @@
 """Pipeline parallelism for the transformers modeling backend: the generic stage splitting and scheduling
 with the Hugging Face module names (`model.embed_tokens`, `model.layers.N`, `model.norm`, `lm_head`).
-Tied-embedding models are refused by `parallelize_hf_transformers`, which runs on every stage."""
+A tied `lm_head` on the last stage is a copy of the first stage's embedding, kept equal (TiedParameters)."""
 
 from functools import partial
 

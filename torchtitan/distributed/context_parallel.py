@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from torchtitan.config.errors import ConfigError
-from torchtitan.distributed.context_parallel_attention import AllGatherKVAttention
+from torchtitan.distributed.context_parallel_attention import AllGatherKVAttention, repeat_heads
 from torchtitan.tools.logging import get_logger
 
 logger = get_logger(__name__)
@@ -85,7 +85,7 @@ class _RepeatKV(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         groups = q.shape[1] // k.shape[1]
-        return self.inner(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), scale=scale)
+        return self.inner(q, repeat_heads(k, groups), repeat_heads(v, groups), scale=scale)
 
 
 def _torch_ring_attention(mesh: DeviceMesh, load_balancer: str, rotate_method: str) -> nn.Module:
@@ -134,11 +134,12 @@ class ContextParallel:
         position ids [1, local_len] there, for forwards called without positions."""
         tables = [(m, m.freqs_cis) for m in model_parts if isinstance(getattr(m, "freqs_cis", None), torch.Tensor)]
         takes_positions = [m for m in model_parts if hasattr(m, "default_positions")]
+        positions = self.positions(seq_len)
         try:
             for m, table in tables:
-                m.freqs_cis = table.index_select(0, self.positions(seq_len, table.device))
+                m.freqs_cis = table.index_select(0, positions.to(table.device))
             for m in takes_positions:
-                m.default_positions = self.positions(seq_len).unsqueeze(0)
+                m.default_positions = positions.to(next(m.parameters()).device).unsqueeze(0)
             yield
         finally:
             for m, table in tables:

@@ -56,7 +56,8 @@ class ChunkLayout:
         return self.to_natural(funcol.all_gather_single(x.contiguous(), 0, self.mesh), x.shape[0])
 
 
-def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, KVH, ...] -> [B, KVH * groups, ...], each K/V head repeated for its group of query heads."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
@@ -72,7 +73,7 @@ class _AllGatherKVFlash(torch.autograd.Function):
         ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout, scale: float | None
     ) -> torch.Tensor:
         groups = q.shape[1] // k.shape[1]
-        k_all, v_all = (_repeat_heads(layout.gather(t), groups) for t in (k, v))
+        k_all, v_all = (repeat_heads(layout.gather(t), groups) for t in (k, v))
         size = q.shape[2] // layout.per_rank
         outs, lses = [], []
         for m, chunk in enumerate(layout.local_chunks):
@@ -97,7 +98,7 @@ class _AllGatherKVFlash(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q, k, v, out, lse = ctx.saved_tensors
         layout, groups, scale = ctx.layout, ctx.groups, ctx.scale
-        k_all, v_all = (_repeat_heads(layout.gather(t), groups) for t in (k, v))
+        k_all, v_all = (repeat_heads(layout.gather(t), groups) for t in (k, v))
         dk_all, dv_all = torch.zeros_like(k_all), torch.zeros_like(v_all)
         size = q.shape[2] // layout.per_rank
         dqs = []

@@ -168,6 +168,19 @@ def test_pp_with_sequence_parallel_is_refused_in_one_line(tmp_path):
         parallelize_hf_transformers(model, ParallelDims.from_job_config(jc, 4), jc)
 
 
+def test_cp_with_attention_dropout_is_refused_in_one_line(tmp_path):
+    """Context-parallel attention applies no dropout: a config that asks for it is refused before training."""
+    import types
+
+    from torchtitan.experiments.transformers_modeling_backend.infra.parallelize import apply_hf_cp
+
+    _, model = build_meta_model(get_train_spec(NAME), job(write_hf_model(tmp_path / "llama", "llama", tokenizer=False)))
+    model.config.attention_dropout = 0.1
+    with pytest.raises(ConfigError, match=r"^--parallelism.context_parallel_degree=2: the model's config has "
+                                          r"attention_dropout=0.1, .* use context_parallel_degree 1$"):
+        apply_hf_cp(model, types.SimpleNamespace(cp=2))
+
+
 def test_trainer_reports_an_uncached_hub_id_in_one_line(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))

@@ -70,6 +70,12 @@ def apply_hf_cp(model: nn.Module, cp: ContextParallel) -> None:
     projections, RoPE and output projection stay as they are)."""
     from transformers import AttentionInterface
 
+    if getattr(model.config, "attention_dropout", 0.0):
+        raise ConfigError(
+            f"--parallelism.context_parallel_degree={cp.cp}: the model's config has attention_dropout="
+            f"{model.config.attention_dropout}, which context-parallel attention does not apply; set it to 0 "
+            "in config.json or use context_parallel_degree 1"
+        )
     AttentionInterface.register(CP_ATTENTION, _cp_attention_forward)
     for block in block_container(model, HF_MODULES.blocks).children():
         block.self_attn.register_module("cp_attention", cp.attention())

@@ -9,7 +9,8 @@ AdamW; every variant starts from the same weights. Variants:
 - fp32: float32 everywhere;
 - bf16: float32 weights, bfloat16 autocast (what the trainer does without FSDP);
 - float8 tensorwise / rowwise: the block Linears converted by `quantize.linear.float8` (output filtered),
-  their matmuls in float8 (`torch._scaled_mm`), everything else in `--float8-base` precision
+  their matmuls in float8 (`torch._scaled_mm` on CUDA; emulated on a CPU, where the converter always
+  emulates), everything else in `--float8-base` precision
   (default: bfloat16 autocast on CUDA, as in torchtitan's float8 runs; float32 on CPU, where bf16 is slow).
 
 After `--warmup` steps of each, `--rounds` rounds alternate `--steps` timed steps of every variant (so a

@@ -1,8 +1,9 @@
 """Float8 training (`quantize.linear.float8`) on CPU through run_train.sh, from the parity matrix's seed
-checkpoint and batch: tensorwise and rowwise track fp32; FSDP 2 (float8 all-gather with precomputed
-scales, or plain with op-level SAC) and TP 2 reproduce the single-process float8 run, and so does compile;
-checkpoints resume across float8 and fp32 and export to Hugging Face. (Config and hardware errors:
-tests/unit_tests/test_float8.py.)"""
+checkpoint and batch: tensorwise and rowwise track fp32; TP 2 and compile reproduce the single-process float8
+run; FSDP 2 with the float8 all-gather (precomputed scales) reproduces plain FSDP 2 float8 (op-level SAC)
+exactly, and both stay near the single-process run; checkpoints resume across float8 and fp32 and export to
+Hugging Face. On CPU the float8 matmuls are emulated (the converter's choice without CUDA). (Config and
+hardware errors: tests/unit_tests/test_float8.py.)"""
 
 import shutil
 from pathlib import Path
@@ -26,7 +27,11 @@ pytest.importorskip("torchao")  # the optional extra .[float8] (part of .[dev])
 FLOAT8 = ["--model.converters", "quantize.linear.float8"]  # debug_model.toml filters `output`
 STEPS = 20
 FP32_ATOL = 5e-2  # float8 against fp32, every step
-PARITY_ATOL = 1e-3  # a parallel or compiled float8 run against the single-process float8 run
+PARITY_ATOL = 1e-3  # TP 2 or compiled float8 against the single-process float8 run (same float8 scales)
+# FSDP 2 float8 against the single-process float8 run. Tensorwise scaling takes each activation's amax over
+# the rank's own half batch, so the float8 roundings differ from one process's: measured 1e-4 at step 1 and
+# up to 1.3e-3 by step 10, the size of float8's own distance from fp32 (up to 4.4e-3 in these 20 steps).
+DP_ATOL = 5e-3
 SAVED_STEP = 5
 RESUMED_STEPS = [6, 7, 8]
 ALL_GATHER_STEPS = 10
@@ -35,13 +40,9 @@ FSDP2_ALL_GATHER = layout(
     "fsdp2-float8-all-gather", *FLOAT8, "--quantize.linear.float8.enable_fsdp_float8_all_gather",
     "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp", dp_shard=2,
 )
-# (layout, a line of its log that shows the float8 path it took)
-PARALLEL = [
-    (layout("fsdp2-float8-sac-op", *FLOAT8, "--activation_checkpoint.mode", "selective",
-            "--activation_checkpoint.selective_ac_option", "op", dp_shard=2),
-     "Applied selective (op) activation checkpointing"),
-    (layout("tp2-float8", *FLOAT8, tp=2), "using the plain TP styles on the Float8Linear modules"),
-]
+FSDP2_SAC_OP = layout("fsdp2-float8-sac-op", *FLOAT8, "--activation_checkpoint.mode", "selective",
+                      "--activation_checkpoint.selective_ac_option", "op", dp_shard=2)
+PARALLEL_STEPS = 6
 
 
 def saving(seed: str, interval: int, *extra: str) -> list[str]:
@@ -75,6 +76,13 @@ def all_gather(tmp_path_factory, seed) -> Run:
                  *saving(seed, SAVED_STEP, "--checkpoint.last_save_in_hf"))
 
 
+@pytest.fixture(scope="module")
+def fsdp_float8(tmp_path_factory, from_seed) -> Run:
+    """FSDP 2, plain float8 (weights all-gathered in fp32) with op-level SAC: 6 steps."""
+    return train(tmp_path_factory.mktemp("fsdp_float8"), FSDP2_SAC_OP, *from_seed, "--training.steps",
+                 str(PARALLEL_STEPS))
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_float8_tracks_fp32(request, tmp_path, from_seed, fp32, recipe):
     if recipe == "tensorwise":
@@ -86,20 +94,31 @@ def test_float8_tracks_fp32(request, tmp_path, from_seed, fp32, recipe):
     assert_losses_close(losses, fp32.losses(), 0, atol=FP32_ATOL)
     assert losses[STEPS] < losses[1] - 1.0, losses
     assert losses != fp32.losses()  # float8 matmuls really ran
-    converted = f"Float8 training ({recipe}): converted 42 of 43 Linear layers; skipped 1: output (filter_fqns)"
+    converted = f"Float8 training ({recipe}, emulated): converted 42 of 43 Linear layers; skipped 1: output (filter_fqns)"
     assert converted in run.stdout + run.stderr
 
 
-def test_fsdp_float8_all_gather_matches_single_process(all_gather, tensorwise):
-    assert_losses_close(all_gather.losses(), tensorwise.losses(), 0, steps=list(range(1, ALL_GATHER_STEPS + 1)),
+def test_fsdp_float8_all_gather_matches_plain_fsdp_float8(all_gather, fsdp_float8):
+    """Casting each shard with the precomputed whole-weight scale, then all-gathering float8, gives the same
+    float8 weights as casting the all-gathered fp32 weight (measured: equal losses, bit for bit)."""
+    steps = list(range(1, PARALLEL_STEPS + 1))
+    assert_losses_close({s: all_gather.losses()[s] for s in steps}, fsdp_float8.losses(), 0, atol=1e-6)
+    assert "Float8 training (tensorwise, emulated, float8 FSDP all-gather): converted 42" in all_gather.stderr
+    assert "Applied selective (op) activation checkpointing" in fsdp_float8.stdout + fsdp_float8.stderr
+
+
+def test_fsdp_float8_stays_near_single_process(all_gather, fsdp_float8, tensorwise):
+    for run in (all_gather, fsdp_float8):
+        assert_losses_close(run.losses(), tensorwise.losses(), 0, steps=sorted(run.losses()), atol=DP_ATOL)
+
+
+def test_tp_float8_matches_single_process(tmp_path, from_seed, tensorwise):
+    """Under TP each activation's amax is reduced over the whole tensor, so the float8 scales are the single
+    process's (measured: 2e-6 apart at step 1, within 4e-4 over 6 steps)."""
+    run = train(tmp_path, layout("tp2-float8", *FLOAT8, tp=2), *from_seed, "--training.steps", str(PARALLEL_STEPS))
+    assert_losses_close(run.losses(), tensorwise.losses(), 0, steps=list(range(1, PARALLEL_STEPS + 1)),
                         atol=PARITY_ATOL)
-
-
-@pytest.mark.parametrize("lay, log_line", [pytest.param(lay, line, id=lay.name) for lay, line in PARALLEL])
-def test_parallel_float8_matches_single_process(tmp_path, from_seed, tensorwise, lay, log_line):
-    run = train(tmp_path, lay, *from_seed, "--training.steps", "6")
-    assert_losses_close(run.losses(), tensorwise.losses(), 0, steps=list(range(1, 7)), atol=PARITY_ATOL)
-    assert log_line in run.stdout + run.stderr
+    assert "using the plain TP styles on the Float8Linear modules" in run.stdout + run.stderr
 
 
 def test_compiled_float8_matches_eager(tmp_path, from_seed, tensorwise):

@@ -73,7 +73,7 @@ def test_converts_eligible_linears_and_logs_the_rest(captured_logs, filter_fqns,
     build(job(filter_fqns=filter_fqns)).convert(m)
     assert {name for name, mod in m.items() if isinstance(mod, Float8Linear)} == converted
     assert all(type(mod) is nn.Linear for name, mod in m.items() if name not in converted)
-    assert captured_logs.messages[-1] == f"Float8 training (tensorwise): {message}"
+    assert captured_logs.messages[-1] == f"Float8 training (tensorwise, emulated): {message}"  # CPU: emulated
 
 
 def test_nothing_converted_is_a_warning(captured_logs):
@@ -85,11 +85,16 @@ def test_nothing_converted_is_a_warning(captured_logs):
 
 
 @pytest.mark.parametrize("recipe", [None, "tensorwise", "rowwise", "rowwise_with_gw_hp"])
-@pytest.mark.parametrize("emulate", [False, True])
-def test_recipes(recipe, emulate):
+@pytest.mark.parametrize(
+    "capability, emulate, emulated",
+    [((9, 0), False, False), ((9, 0), True, True), ((8, 0), True, True), (None, False, True), (None, True, True)],
+)
+def test_recipes(monkeypatch, recipe, capability, emulate, emulated):
+    """On an SM 8.9+ GPU `emulate` is the user's choice; without CUDA the matmuls are always emulated."""
+    monkeypatch.setattr(float8, "cuda_capability", lambda: capability)
     converter = build(job(recipe_name=recipe, emulate=emulate))
     config = converter.config
-    assert converter.recipe == (recipe or "tensorwise") and config.emulate is emulate
+    assert converter.recipe == (recipe or "tensorwise") and config.emulate is emulated
     expected = ScalingGranularity.TENSORWISE if recipe in (None, "tensorwise") else ScalingGranularity.AXISWISE
     assert config.cast_config_weight.scaling_granularity is expected
     grad_weight_in_float8 = config.cast_config_input_for_grad_weight.scaling_type is not ScalingType.DISABLED
@@ -99,13 +104,14 @@ def test_recipes(recipe, emulate):
     assert m["big"].config == config
 
 
-def test_fsdp_float8_all_gather_wraps_weights_and_precomputes_after_each_step(monkeypatch):
+def test_fsdp_float8_all_gather_wraps_weights_and_precomputes_after_each_step(monkeypatch, captured_logs):
     converter = build(
         job(enable_fsdp_float8_all_gather=True, precompute_float8_dynamic_scale_for_fsdp=True), world_size=2
     )
     m = model()
     converter.convert(m)
     assert isinstance(m["big"].weight.data, WeightWithDynamicFloat8CastTensor)
+    assert "float8 FSDP all-gather): converted" in captured_logs.messages[-1]
     calls = []
     monkeypatch.setattr("torchao.float8.precompute_float8_dynamic_scale_for_fsdp", calls.append)
     converter.post_optimizer_hook([m, m["big"]])
@@ -146,7 +152,7 @@ def test_config_errors(fields, world_size, message):
         (FLOAT8, (8, 0), True, None),
         (FLOAT8, (8, 9), False, None),
         (FLOAT8, (9, 0), False, None),
-        (FLOAT8, None, False, None),  # CPU: torch._scaled_mm runs there
+        (FLOAT8, None, False, None),  # CPU: emulated
         ("quantize.linear.mx", None, False, "model.converters: quantize.linear.mx needs a CUDA GPU of compute "
          "capability >= 10.0 (SM 10.0); this machine has no CUDA GPU; fix: remove quantize.linear.mx from "
          "model.converters (quantize.linear.float8 runs on SM 8.9+ GPUs and on CPU)"),

@@ -77,7 +77,10 @@ class Float8LinearConverter:
         self.recipe = recipe_of(job_config)
         _check_all_gather(cfg, self.recipe, parallel_dims)
         self.precompute_scales = cfg.precompute_float8_dynamic_scale_for_fsdp
-        self.emulate = cfg.emulate
+        # Without CUDA the matmuls are emulated: float8 gives no speedup on a CPU, and torch's CPU
+        # `_scaled_mm` is a reference kernel (on AVX-512 Xeons hundreds of times slower than the
+        # emulation). Both compute the same float8-rounded products, accumulated in fp32.
+        self.emulate = cfg.emulate or capability is None
         self.filter_fqns = [f for f in cfg.filter_fqns if f != AUTO_FILTER]
         self.size_filter = _auto_filter(self.recipe, self.filter_fqns) if AUTO_FILTER in cfg.filter_fqns else None
 
@@ -85,7 +88,7 @@ class Float8LinearConverter:
 
         self.config = dataclasses.replace(
             Float8LinearConfig.from_recipe_name(self.recipe),
-            emulate=cfg.emulate,
+            emulate=self.emulate,
             enable_fsdp_float8_all_gather=cfg.enable_fsdp_float8_all_gather,
         )
 
@@ -109,7 +112,8 @@ class Float8LinearConverter:
         )
         skipped = [f"{fqn} ({why})" for fqn, why in reasons.items() if why is not None]
         converted = len(reasons) - len(skipped)
-        mode = f"{self.recipe}{', emulated' if self.emulate else ''}"
+        mode = ", ".join([self.recipe] + ["emulated"] * self.emulate
+                         + ["float8 FSDP all-gather"] * self.config.enable_fsdp_float8_all_gather)
         message = (
             f"Float8 training ({mode}): converted {converted} of {len(reasons)} Linear layers; "
             f"skipped {len(skipped)}: {', '.join(skipped) or 'none'}"

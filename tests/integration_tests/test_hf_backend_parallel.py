@@ -209,6 +209,7 @@ TWO_RANK_CASES = {
     "ddp2": {"dp_replicate": 2},
     "tp2_no_sp_ac_op": {"tp": 2, "sp": False, "ac": "selective", "ac_option": "op"},
     "fsdp2_ac_full_compile": {"dp_shard": 2, "ac": "full", "compile": True, "backend": "aot_eager"},
+    "tp2_ac_full_compile": {"tp": 2, "ac": "full", "compile": True, "backend": "aot_eager"},
     "pp2_1f1b": {"pp": "1F1B"},
     "pp2_interleaved_4_stages": {"pp": "Interleaved1F1B", "stage_per_unit": True},
     "pp2_zbv_4_stages": {"pp": "ZBVZeroBubble", "stage_per_unit": True},  # rank 0 holds both tied copies

@@ -231,9 +231,10 @@ TWO_RANK_CASES: dict[str, dict[str, Any]] = {
     "tp2_ac_op": {"tp": 2, "ac": "selective", "ac_option": "op", "same_as": "tp2"},
     "tp2_meta_init": {"tp": 2, "meta": True, "same_as": "tp2"},
     "ddp2_meta_init": {"dp_replicate": 2, "meta": True, "same_as": "ddp2"},
-    # TP+SP with per-block compile needs the embedding-output copy in parallelize_llama; aot_eager
-    # reproduces that failure mode without inductor's compile time.
-    "tp2_compile_aot_eager": {"tp": 2, "compile": True, "backend": "aot_eager"},
+    # TP+SP with per-block compile needs the embedding-output copy in parallelize_llama, and full AC must
+    # wrap the compiled block (traced, the checkpoint saves the DeviceMesh); aot_eager reproduces both
+    # failure modes without inductor's compile time.
+    "tp2_ac_full_compile_aot_eager": {"tp": 2, "ac": "full", "compile": True, "backend": "aot_eager"},
     "fsdp2_compile_inductor_ac_full": {"dp_shard": 2, "compile": True, "ac": "full"},
 }
 FOUR_RANK_CASES: dict[str, dict[str, Any]] = {

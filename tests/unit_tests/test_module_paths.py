@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from torchtitan.config import ConfigError, JobConfig
 from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.module_paths import block_container, present_modules, resolve_module
 from torchtitan.distributed.tensor_parallel import _resolves
 
@@ -40,6 +41,20 @@ def test_ac_wraps_blocks_of_a_module_list_at_a_dotted_path():
     apply_ac(m, ac, "model.layers")
     wrapped = ["_checkpoint_wrapped_module" in dict(b.named_children()) for b in m.model.layers]
     assert wrapped == [False, True]
+
+
+@pytest.mark.parametrize("option, inside", [("1", True), ("op", False)])
+def test_compile_goes_inside_a_full_block_checkpoint_and_around_op_sac(option, inside):
+    """A full-block checkpoint runs around the compiled block (traced, it fails under TP in torch 2.13);
+    op-level SAC is compiled with the block, so its policy sees the ops."""
+    m = model()
+    ac = JobConfig().activation_checkpoint
+    ac.mode, ac.selective_ac_option = "selective", option
+    apply_ac(m, ac, "model.layers")
+    apply_compile(m, JobConfig().compile, "model.layers")
+    for wrapper in m.model.layers:
+        assert (wrapper._checkpoint_wrapped_module._compiled_call_impl is not None) is inside
+        assert (wrapper._compiled_call_impl is not None) is not inside
 
 
 def test_pipeline_split_at_a_dotted_module_list_keeps_fqns_and_parameterless_modules():

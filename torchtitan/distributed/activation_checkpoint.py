@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from torchtitan.config.errors import ConfigError
@@ -84,3 +84,13 @@ def apply_ac(model: nn.Module, ac_config: Any, blocks_path: str = "layers") -> N
     if ac_config.mode != "none":
         option = "" if ac_config.mode == "full" else f" ({ac_config.selective_ac_option})"
         logger.info(f"Applied {ac_config.mode}{option} activation checkpointing")
+
+
+def compile_target(block: nn.Module) -> nn.Module:
+    """The module to compile for `block`: for a full-block checkpoint the block inside the wrapper, so the
+    checkpoint runs around the compiled graph. (Traced by dynamo, such a checkpoint saves the TP
+    DeviceMesh for backward in torch 2.13, which AOT autograd rejects.) Op-level SAC stays inside the
+    graph: its policy must see the ops."""
+    if isinstance(block, CheckpointWrapper) and "context_fn" not in block.checkpoint_fn.keywords:
+        return block._checkpoint_wrapped_module
+    return block

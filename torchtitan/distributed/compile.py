@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchtitan.distributed.activation_checkpoint import compile_target
 from torchtitan.distributed.module_paths import block_container
 from torchtitan.tools.logging import get_logger
 
@@ -30,7 +31,7 @@ def apply_compile(model: nn.Module, compile_config: Any, blocks_path: str = "lay
     # mutation unless the backward's recompute need not replay it, which holds for state restored on exit.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks.children():
-        block.compile(backend=compile_config.backend, fullgraph=True)
+        compile_target(block).compile(backend=compile_config.backend, fullgraph=True)
     logger.info(f"Compiled each of the {len(blocks)} blocks with backend {compile_config.backend!r}")
 
 

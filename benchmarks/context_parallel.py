@@ -8,16 +8,19 @@ Llama (fp32, replicated weights: no FSDP, so the difference between degrees is a
 all-gather-KV CP attention (torch_ring is not measured), and run one warm-up and `--steps` timed
 forward + backward passes on one `--batch` x seq batch, sharded with the headtail balancer. Per rank:
 peak memory (CPU: peak RSS above the RSS before the first step; CUDA: the allocator's peak above the
-memory allocated before it) and the tokens/s of the whole CP group. The ratio column is the per-rank
-activation peak relative to CP 1 at the same length (about 1/CP is the goal).
+memory allocated before it), the activations autograd saves for backward (distinct storages packed by
+saved-tensor hooks in the warm-up pass, parameters excluded) and the tokens/s of the whole CP group. The
+ratio columns are relative to CP 1 at the same length (about 1/CP is the goal).
 """
 
 import argparse
+import contextlib
 import copy
 import os
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,22 @@ VOCAB = 2048
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def _saved_activations(model: torch.nn.Module) -> Iterator[dict[int, int]]:
+    """Bytes of each distinct storage (not a parameter) autograd saves for backward inside the block."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
 
 
 def _worker(rank: int, cp: int, seq: int, batch: int, steps: int, tmp: str, results: dict) -> None:
@@ -64,7 +83,8 @@ def _worker(rank: int, cp: int, seq: int, batch: int, steps: int, tmp: str, resu
         model.zero_grad(set_to_none=True)
 
     base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
-    step()  # warm-up (also reaches the peak)
+    with _saved_activations(model) as saved:
+        step()  # warm-up (also reaches the peak)
     if cp > 1:
         dist.barrier()
     start = time.perf_counter()
@@ -74,19 +94,20 @@ def _worker(rank: int, cp: int, seq: int, batch: int, steps: int, tmp: str, resu
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    results[rank] = (peak - base, elapsed)
+    results[rank] = (peak - base, sum(saved.values()), elapsed)
     if cp > 1:
         dist.destroy_process_group()
 
 
-def measure(cp: int, seq: int, batch: int, steps: int) -> tuple[float, float]:
-    """(max per-rank peak memory above the start in GiB, tokens/s of the CP group)."""
+def measure(cp: int, seq: int, batch: int, steps: int) -> tuple[float, float, float]:
+    """(max per-rank peak memory above the start, max per-rank saved activations, both in GiB; tokens/s of
+    the CP group)."""
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         results = manager.dict()
         mp.start_processes(_worker, args=(cp, seq, batch, steps, tmp, results), nprocs=cp, start_method="spawn")
-        peak = max(r[0] for r in results.values()) / 2**30
-        elapsed = max(r[1] for r in results.values())
-    return peak, steps * batch * seq / elapsed
+        peak, saved = (max(r[i] for r in results.values()) / 2**30 for i in (0, 1))
+        elapsed = max(r[2] for r in results.values())
+    return peak, saved, steps * batch * seq / elapsed
 
 
 def main() -> None:
@@ -98,14 +119,16 @@ def main() -> None:
     opts = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(f"load average before: {os.getloadavg()}")
-    print("| seq | CP | peak memory per rank above start (GiB) | ratio to CP 1 | tokens/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| seq | CP | peak memory per rank above start (GiB) | ratio | saved activations per rank (GiB) | ratio "
+          "| tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for seq in (int(s) for s in opts.seqs.split(",")):
         base = None
         for cp in (int(c) for c in opts.cps.split(",")):
-            peak, tps = measure(cp, seq, opts.batch, opts.steps)
-            base = base or peak
-            print(f"| {seq} | {cp} | {peak:.2f} | {peak / base:.2f} | {tps:.0f} |", flush=True)
+            peak, saved, tps = measure(cp, seq, opts.batch, opts.steps)
+            base = base or (peak, saved)
+            print(f"| {seq} | {cp} | {peak:.2f} | {peak / base[0]:.2f} | {saved:.2f} | {saved / base[1]:.2f} "
+                  f"| {tps:.0f} |", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 

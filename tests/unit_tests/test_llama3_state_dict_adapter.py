@@ -1,6 +1,7 @@
 """Llama 3 <-> Hugging Face names, q/k row permutation and config.json (no transformers needed)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -107,6 +108,9 @@ def _sharded_round_trip(rank: int, world_size: int, port: int) -> None:
             assert value.placements == (Shard(0),) and torch.equal(value.full_tensor(), sd[key]), key
     finally:
         dist.destroy_process_group()
+    # Skip the interpreter's teardown: after gloo functional collectives, torch 2.13 sometimes aborts there
+    # ("terminate called without an active exception"; ~10% of 2-rank runs, reproduced without our code).
+    os._exit(0)
 
 
 @pytest.mark.slow

@@ -159,3 +159,20 @@ def test_nparams_and_flops_by_hand():
     # 6 * non-embedding params + 12 * n_layers * n_heads * head_dim * seq_len
     assert args.get_nparams_and_flops(model, 16) == (nparams, 6 * (nparams - 6400) + 12 * 2 * 4 * 16 * 16)
     assert args.get_nparams_and_flops(model, 16)[1] == 654_720
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cpu_bf16_attention_runs_in_fp32(autocast):
+    """bf16 q/k/v (GQA) on a CPU: the output is bf16, computed by fp32 SDPA, gradients flow back in bf16."""
+    from torchtitan.models.attention import ScaledDotProductAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=g).bfloat16().requires_grad_() for h in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = ScaledDotProductAttention()(q, k, v)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
+    ).bfloat16()
+    assert out.dtype is torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert q.grad.dtype is k.grad.dtype is torch.bfloat16

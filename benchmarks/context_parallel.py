@@ -14,13 +14,11 @@ ratio columns are relative to CP 1 at the same length (about 1/CP is the goal).
 """
 
 import argparse
-import contextlib
 import copy
 import os
 import resource
 import tempfile
 import time
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,6 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torchtitan.distributed.context_parallel import ContextParallel, apply_cp
 from torchtitan.models.attention import ScaledDotProductAttention
 from torchtitan.models.llama3 import Transformer, llama3_args
+from torchtitan.tools.profiling import saved_activations
 
 VOCAB = 2048
 
@@ -37,22 +36,6 @@ VOCAB = 2048
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextlib.contextmanager
-def _saved_activations(model: torch.nn.Module) -> Iterator[dict[int, int]]:
-    """Bytes of each distinct storage (not a parameter) autograd saves for backward inside the block."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield saved
 
 
 def _worker(rank: int, cp: int, seq: int, batch: int, steps: int, tmp: str, results: dict) -> None:
@@ -83,7 +66,7 @@ def _worker(rank: int, cp: int, seq: int, batch: int, steps: int, tmp: str, resu
         model.zero_grad(set_to_none=True)
 
     base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
-    with _saved_activations(model) as saved:
+    with saved_activations(model) as saved:
         step()  # warm-up (also reaches the peak)
     if cp > 1:
         dist.barrier()

@@ -23,6 +23,7 @@ from torchtitan.distributed.context_parallel import (
 from torchtitan.distributed.context_parallel_attention import masked_allgather_kv_attention
 from torchtitan.models.attention import ScaledDotProductAttention
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+from torchtitan.tools.profiling import saved_activations
 
 SEQ = 16
 VOCAB = 128
@@ -107,15 +108,7 @@ def _check_llama(mesh, balancer: str) -> None:
 
 def _saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     """Bytes of the distinct storages a forward saves for backward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if (ptr := t.untyped_storage().data_ptr()) not in params:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activations(model) as saved:
         model(tokens)
     return sum(saved.values())
 

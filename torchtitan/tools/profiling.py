@@ -1,4 +1,5 @@
-"""torch.profiler traces and CUDA memory snapshots, each behind a config switch."""
+"""torch.profiler traces and CUDA memory snapshots, each behind a config switch; the activations a
+forward saves for backward (benchmarks and tests)."""
 
 import contextlib
 import os
@@ -115,3 +116,19 @@ def maybe_enable_memory_snapshot(
         yield snapshotter
     finally:
         snapshotter.close()
+
+
+@contextlib.contextmanager
+def saved_activations(model: torch.nn.Module) -> Iterator[dict[int, int]]:
+    """Yield {storage pointer: bytes} of the distinct storages, parameters excluded, that autograd saves
+    for backward inside the block."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if (ptr := t.untyped_storage().data_ptr()) not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved

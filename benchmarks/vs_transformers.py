@@ -1,12 +1,17 @@
 """Our Llama vs transformers' LlamaForCausalLM: same sizes, same weights, fwd + bwd + AdamW.
 
     PYTHONPATH=. python benchmarks/vs_transformers.py [--sizes debug,100M] [--modes eager-fp32,...]
-        [--steps 5] [--warmup 2] [--rounds 5] [--batch 8] [--seq-len 128]
+        [--steps 5] [--warmup 2] [--rounds 5] [--batch 8] [--seq-len 128] [--breakdown]
 
 The transformers model is built from our adapter's `hf_config()` and loaded with `to_hf` of our
 weights, so both compute the same function. Per size and mode, both run in this one process: after
 `--warmup` steps each, `--rounds` rounds alternate `--steps` steps of ours with `--steps` of theirs,
 so machine drift hits both. Prints tokens/s (median and best round) of each and the ratio ours/theirs.
+
+`--breakdown` then profiles `--steps` more steps of each (torch.profiler) and prints the time each spends
+in the work both sides must do alike: the matmuls (same shapes, same FLOPs), the attention kernels, the
+loss and the optimizer. However fast the rest of our step became, ours/theirs could not exceed
+"ceiling" = theirs' step time / our time in that shared work.
 """
 
 import argparse
@@ -17,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.profiler
 import transformers
 
 from torchtitan.models.llama3 import Llama3StateDictAdapter, Transformer, TransformerModelArgs
@@ -31,6 +37,14 @@ SIZES = {
     ),
 }
 MODES = ["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16"]
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
+# work both models must do on the same shapes (bf16 mode: our attention kernels run in fp32)
+SHARED = MATMULS | {
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss_forward", "aten::nll_loss_backward",
+    "aten::_fused_adamw_",
+}
 
 
 def build_pair(args: TransformerModelArgs) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -87,6 +101,28 @@ def measure(
     return rounds, med, best
 
 
+def breakdown(step: Callable[[torch.Tensor], None], tokens: torch.Tensor, steps: int) -> dict[str, float]:
+    """ms per step under the profiler: the whole step, its matmuls, and all its shared work (SHARED)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(tokens)
+        wall = time.perf_counter() - start
+    self_ms = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    return {
+        "step": wall * 1e3 / steps,
+        "matmul": sum(self_ms.get(op, 0.0) for op in MATMULS),
+        "shared": sum(self_ms.get(op, 0.0) for op in SHARED),
+    }
+
+
+def matmul_flops(args: TransformerModelArgs, tokens: int) -> float:
+    """FLOPs of one step's matmuls (forward + two backward products per weight), attention excluded."""
+    kv = args.kv_heads * args.head_dim
+    per_layer = args.dim * (args.n_heads * args.head_dim * 2 + 2 * kv) + 3 * args.dim * args.ffn_hidden_dim
+    return 6.0 * tokens * (args.n_layers * per_layer + args.dim * args.vocab_size)
+
+
 def compare(size: str, mode: str, cli: argparse.Namespace) -> None:
     args = SIZES[size]
     torch.manual_seed(0)
@@ -103,9 +139,31 @@ def compare(size: str, mode: str, cli: argparse.Namespace) -> None:
         f"rounds ours {[round(x) for x in rounds['ours']]}, transformers {[round(x) for x in rounds['transformers']]}",
         flush=True,
     )
+    if cli.breakdown:
+        ours_ms, theirs_ms = (breakdown(steps[name], tokens, cli.steps) for name in ("ours", "transformers"))
+        gflops = matmul_flops(args, tokens.numel()) / ours_ms["matmul"] / 1e6
+        print(
+            f"  breakdown, ms/step: ours {ours_ms['step']:.0f} (matmuls {ours_ms['matmul']:.0f}, {gflops:.0f} GFLOP/s; "
+            f"shared work {ours_ms['shared']:.0f}), transformers {theirs_ms['step']:.0f} (matmuls "
+            f"{theirs_ms['matmul']:.0f}; shared work {theirs_ms['shared']:.0f}); ceiling of the ratio "
+            f"{theirs_ms['step'] / ours_ms['shared']:.2f}",
+            flush=True,
+        )
 
 
-def parse_cli(description: str, sizes: str = "debug,100M", modes: str = ",".join(MODES)) -> argparse.Namespace:
+def peak_gflops() -> float:
+    """This machine's fp32 matmul rate on a 2048^3 product, GFLOP/s: what the model's matmuls can reach."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
+def parse_cli(
+    description: str, sizes: str = "debug,100M", modes: str = ",".join(MODES), breakdown: bool = False
+) -> argparse.Namespace:
     """The command line shared by the benchmarks that compare two models step for step."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sizes", default=sizes, help=f"comma-separated, of {list(SIZES)}")
@@ -115,17 +173,21 @@ def parse_cli(description: str, sizes: str = "debug,100M", modes: str = ",".join
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    if breakdown:
+        parser.add_argument("--breakdown", action="store_true", help="profile each side's shared work, print the ceiling")
     return parser.parse_args()
 
 
 def main() -> None:
-    cli = parse_cli(__doc__.splitlines()[0])
+    cli = parse_cli(__doc__.splitlines()[0], breakdown=True)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; batch {cli.batch} x "
         f"{cli.seq_len}; {cli.rounds} rounds of {cli.steps} steps after {cli.warmup} warm-up steps",
         flush=True,
     )
+    if cli.breakdown:
+        print(f"fp32 matmul peak of this machine (2048^3): {peak_gflops():.0f} GFLOP/s", flush=True)
     for size in cli.sizes.split(","):
         for mode in cli.modes.split(","):
             compare(size, mode, cli)

@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Iterator
 
@@ -303,15 +302,6 @@ def _global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _shutdown(clean: bool) -> None:
-    """Destroy the process group. After a clean run a barrier first avoids a rank aborting at gloo
-    teardown; after a failure it is skipped, since the other ranks may never reach it."""
-    if dist.is_initialized():
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
 def _resolve_auto_precision(job_config: JobConfig, device: torch.device) -> None:
     """Replace `training.mixed_precision_param = "auto"` by the dtype this device runs fastest, in place,
     so FSDP, autocast and the saved config all see the choice; explicit values are left alone."""
@@ -373,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        _shutdown(clean)
+        dist_utils.shutdown(clean)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist_utils.exit_process(main())

@@ -14,7 +14,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
@@ -152,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            if clean:
-                dist.barrier()
-            dist.destroy_process_group()
+        dist_utils.shutdown(clean)
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info(f"generated {len(new)} tokens from a {len(prompt)}-token prompt")
         print(args.prompt + tokenizer.decode(new), flush=True)
@@ -163,4 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist_utils.exit_process(main())

@@ -1,5 +1,6 @@
 """torchtitan.tools.launch: a user error from any rank reaches the console once, whichever rank is shown."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -38,3 +39,24 @@ def test_error_printed_without_launcher(capsys, monkeypatch):
     monkeypatch.delenv(REPORT_TO_LAUNCHER_ENV, raising=False)
     report_error("bad value")
     assert capsys.readouterr().err == "error: bad value\n"
+
+
+EXITING_RANK = """
+import atexit
+from torchtitan.distributed.utils import exit_process
+atexit.register(lambda: print(" exit handler ran", flush=True))
+print("unflushed output", end="")
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_trainer_exit_keeps_code_output_and_exit_handlers(world_size: str):
+    """A rank of a multi-process job leaves through os._exit (skipping C++ static destructors, where torch
+    2.13's gloo teardown sometimes aborts), yet its exit code, buffered output and atexit handlers survive."""
+    run = subprocess.run(
+        [sys.executable, "-c", EXITING_RANK], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "WORLD_SIZE": world_size},
+    )
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert "unflushed output exit handler ran" in run.stdout

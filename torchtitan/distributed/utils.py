@@ -1,11 +1,13 @@
-"""Process-group setup, determinism, DTensor-aware gradient clipping and logging reductions."""
+"""Process-group setup and teardown, determinism, DTensor-aware gradient clipping and logging reductions."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
 import random
+import sys
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -47,6 +49,28 @@ def init_distributed(comm_config: Any, dump_folder: str = "") -> torch.device:
         )
     return device
 
+
+
+def shutdown(clean: bool) -> None:
+    """Destroy the process group, if any. After a clean run a barrier first avoids a rank aborting at
+    gloo teardown; after a failure it is skipped, since the other ranks may never reach it."""
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End an entry point's process with `code`. A rank of a multi-process job leaves after Python's exit
+    handlers (logging, wandb) but without C++ static destructors: with gloo and functional collectives,
+    torch 2.13 sometimes aborts in them ("terminate called without an active exception") after a run
+    that succeeded, and torchrun then reports the job as failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 def configure_flight_recorder(comm_config: Any, dump_folder: str, device_type: str) -> str | None:
     """Set up NCCL's flight recorder before the process group exists; returns the dump folder or None.

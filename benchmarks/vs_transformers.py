@@ -116,11 +116,9 @@ def breakdown(step: Callable[[torch.Tensor], None], tokens: torch.Tensor, steps:
     }
 
 
-def matmul_flops(args: TransformerModelArgs, tokens: int) -> float:
-    """FLOPs of one step's matmuls (forward + two backward products per weight), attention excluded."""
-    kv = args.kv_heads * args.head_dim
-    per_layer = args.dim * (args.n_heads * args.head_dim * 2 + 2 * kv) + 3 * args.dim * args.ffn_hidden_dim
-    return 6.0 * tokens * (args.n_layers * per_layer + args.dim * args.vocab_size)
+def matmul_flops(model: torch.nn.Module, tokens: int) -> float:
+    """FLOPs of one step's matmuls: forward and two backward products per Linear weight (attention excluded)."""
+    return 6.0 * tokens * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def compare(size: str, mode: str, cli: argparse.Namespace) -> None:
@@ -141,7 +139,7 @@ def compare(size: str, mode: str, cli: argparse.Namespace) -> None:
     )
     if cli.breakdown:
         ours_ms, theirs_ms = (breakdown(steps[name], tokens, cli.steps) for name in ("ours", "transformers"))
-        gflops = matmul_flops(args, tokens.numel()) / ours_ms["matmul"] / 1e6
+        gflops = matmul_flops(ours, tokens.numel()) / ours_ms["matmul"] / 1e6
         print(
             f"  breakdown, ms/step: ours {ours_ms['step']:.0f} (matmuls {ours_ms['matmul']:.0f}, {gflops:.0f} GFLOP/s; "
             f"shared work {ours_ms['shared']:.0f}), transformers {theirs_ms['step']:.0f} (matmuls "

@@ -50,7 +50,6 @@ def init_distributed(comm_config: Any, dump_folder: str = "") -> torch.device:
     return device
 
 
-
 def shutdown(clean: bool) -> None:
     """Destroy the process group, if any. After a clean run a barrier first avoids a rank aborting at
     gloo teardown; after a failure it is skipped, since the other ranks may never reach it."""
@@ -71,6 +70,7 @@ def exit_process(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
 
 def configure_flight_recorder(comm_config: Any, dump_folder: str, device_type: str) -> str | None:
     """Set up NCCL's flight recorder before the process group exists; returns the dump folder or None.
